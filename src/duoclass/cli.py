@@ -1,0 +1,265 @@
+"""The `duoclass` command: thin shells over the Python API.
+
+    duoclass train DATA --model msresnet --epochs 30 --output runs/x
+    duoclass evaluate runs/x/model DATA --split test --json
+    duoclass predict runs/x/model INPUT --output predictions.csv --top-k 3
+    duoclass clean DATA --quarantine quarantine/ --report clean_report
+    duoclass pretrain corpus.txt --output runs/mlm        # then: duoclass train DATA --model runs/mlm
+    duoclass models
+    duoclass demo
+
+Bad input ends with one line `error: ...` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import DuoclassError
+
+log = logging.getLogger("duoclass")
+
+
+# --- train flags generated from TrainConfig -------------------------------------------------
+def add_config_flags(p: argparse.ArgumentParser, cls: type | None = None) -> None:
+    """One flag per field of a settings dataclass (TrainConfig by default)."""
+    from .config import TrainConfig, field_type
+
+    cls = cls or TrainConfig
+    for f in dataclasses.fields(cls):
+        help_ = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            p.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_)
+            continue
+        base, optional, choices = field_type(f.name, cls)
+        flag = "--" + f.name.replace("_", "-")
+        default = f"(default: {f.default})"
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f"{help_} {default}")
+        else:
+            p.add_argument(flag, type=base, choices=choices or None, default=argparse.SUPPRESS,
+                           metavar=None if choices else f.name.upper(), help=f"{help_} {default}")
+
+
+def config_from_args(ns: argparse.Namespace) -> Any:
+    from .config import TrainConfig
+
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(ns, f.name)}
+    if ns.config:
+        cfg = TrainConfig.from_yaml(ns.config, **given)
+    elif given.get("resume") and not given.get("data"):
+        saved = Path(given["resume"]) / "config.yaml"
+        if not saved.is_file():
+            raise DuoclassError(f"{saved}: not found; --resume needs the folder of an earlier run (its --output)")
+        cfg = TrainConfig.from_yaml(saved, **given)
+    else:
+        cfg = TrainConfig(**given)
+    if cfg.resume:
+        cfg.output = given.get("output", cfg.resume)
+    if not cfg.data:
+        raise DuoclassError("train: no DATA given; pass a dataset folder, zip or CSV, e.g. `duoclass train data/`")
+    return cfg
+
+
+# --- commands -------------------------------------------------------------------------------
+def cmd_train(ns: argparse.Namespace) -> int:
+    from . import api
+
+    if ns.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--nproc")
+        del argv[i : i + 2]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ns.nproc}", "-m", "duoclass", *argv]
+        return subprocess.call(cmd)
+    cfg = config_from_args(ns)
+    clf = api.train(config=cfg)
+    if clf is not None:
+        res = clf.result_
+        final = res.test or res.valid
+        print(json.dumps({"model_dir": str(res.model_dir), "split": "test" if res.test else "valid",
+                          "accuracy": round(final["accuracy"], 4), "f1_macro": round(final["f1_macro"], 4),
+                          "skipped_files": res.skipped, "seconds": round(res.seconds, 1)}))
+    return 0
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from . import api
+
+    m = api.load(ns.model_dir, device=ns.device).evaluate(ns.data, split=ns.split, batch_size=ns.batch_size, top_k=ns.top_k)
+    if ns.json:
+        print(json.dumps(m))
+    else:
+        print(f"{ns.split}: n={m['n']}  accuracy {m['accuracy']:.4f}  precision_macro {m['precision_macro']:.4f}  "
+              f"recall_macro {m['recall_macro']:.4f}  f1_macro {m['f1_macro']:.4f}  f1_weighted {m['f1_weighted']:.4f}")
+        for c, s in m["per_class"].items():
+            print(f"  {c:>20}  precision {s['precision']:.4f}  recall {s['recall']:.4f}  f1 {s['f1']:.4f}  n={s['support']}")
+        if m.get("skipped_files"):
+            print(f"skipped {m['skipped_files']} unreadable files")
+    return 0
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from . import api
+    from .predict import predict_to_csv
+
+    clf = api.load(ns.model_dir, device=ns.device)
+    n, failed = predict_to_csv(clf, ns.input, ns.output, top_k=ns.top_k, batch_size=ns.batch_size, text_column=ns.text_column)
+    if ns.output:
+        print(f"wrote {n} predictions to {ns.output}" + (f" ({failed} inputs could not be read: see the error column)" if failed else ""))
+    return 0
+
+
+def cmd_pretrain(ns: argparse.Namespace) -> int:
+    from .pretrain import PretrainConfig, pretrain
+
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(PretrainConfig) if hasattr(ns, f.name)}
+    if not given.get("corpus"):
+        raise DuoclassError("pretrain: no CORPUS given; pass a .txt (one text per line) or a CSV/TSV/JSONL file")
+    print(json.dumps(pretrain(PretrainConfig(**given))))
+    return 0
+
+
+def cmd_clean(ns: argparse.Namespace) -> int:
+    from .data.clean import clean
+
+    rep = clean(ns.data, quarantine=ns.quarantine, report=ns.report, max_pixels=ns.max_pixels)
+    for f in rep.findings:
+        if f.status != "ok":
+            print(f"{f.status:>9}  {f.path}: {f.reason}" + (f" [{f.action}]" if f.action else ""))
+    print(rep.summary())
+    if ns.report:
+        print(f"report: {Path(ns.report).with_suffix('.json')} and {Path(ns.report).with_suffix('.csv')}")
+    return 0
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from .models import ALIASES, available, count_flops, count_params, create_model
+
+    if ns.timm is not None:
+        import timm
+
+        for name in timm.list_models(ns.timm or "*"):
+            print(f"timm:{name}")
+        return 0
+    rows = []
+    for spec in available():
+        row = {"name": spec.name, "task": spec.task, "description": spec.description}
+        if spec.task == "image":
+            m = create_model(spec.name, num_classes=1000, image_size=224)
+            row["params"] = count_params(m)
+            row["gflops_224"] = round(count_flops(m, 224) / 1e9, 3)
+        else:  # at the builder's default vocabulary / bucket count, 2 classes
+            row["params"] = count_params(create_model(spec.name, num_classes=2))
+        rows.append(row)
+    if ns.json:
+        print(json.dumps({"models": rows, "aliases": ALIASES}))
+        return 0
+    print(f"{'name':<20} {'task':<6} {'params':>12} {'GFLOPs@224':>11}  description")
+    for r in rows:
+        params = f"{r['params']:,}" if "params" in r else "-"
+        flops = f"{r['gflops_224']:.3f}" if "gflops_224" in r else "-"
+        print(f"{r['name']:<20} {r['task']:<6} {params:>12} {flops:>11}  {r['description']}")
+    for a, t in ALIASES.items():
+        print(f"{a:<20} alias of {t}")
+    print("timm:<name>          any timm image model (list them with `duoclass models --timm 'resnet*'`); params at 1000 classes")
+    print("hf:<id-or-folder>    any Hugging Face text model (AutoModelForSequenceClassification); a local HF folder "
+          "works as --model DIR; the text default is hf:albert-base-v2")
+    print("image params at 1000 classes; text params at 2 classes and the default vocabulary (8,000) or hash buckets")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(ns.output, epochs=ns.epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="duoclass", description="Train, evaluate and serve image and text classifiers.")
+    p.add_argument("--version", action="version", version=f"duoclass {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(t)
+    t.add_argument("--config", help="YAML file of settings (flags given on the command line win)")
+    t.add_argument("--nproc", type=int, default=1, help="train with N processes (torchrun, DDP)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="metrics of a model folder on a labelled split")
+    e.add_argument("model_dir")
+    e.add_argument("data")
+    e.add_argument("--split", default="test")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--top-k", type=int, default=5)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="predict a file, folder, zip or CSV of inputs into a CSV")
+    pr.add_argument("model_dir")
+    pr.add_argument("input")
+    pr.add_argument("--output", help="CSV to write (default: stdout)")
+    pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--text-column", default=None, help="text models: column holding the text (default: the training one)")
+    pr.set_defaults(func=cmd_predict)
+
+    pt = sub.add_parser("pretrain", help="masked-language-model pretraining on unlabelled text (writes an HF folder)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .pretrain import PretrainConfig
+
+    add_config_flags(pt, PretrainConfig)
+    pt.set_defaults(func=cmd_pretrain)
+
+    c = sub.add_parser("clean", help="decode every image; report (and quarantine) bad files and duplicates")
+    c.add_argument("data")
+    c.add_argument("--quarantine", help="move bad files and duplicates here (never deleted)")
+    c.add_argument("--report", help="write the report to FILE.json and FILE.csv")
+    c.add_argument("--max-pixels", type=int, default=None, help="pixel limit (default: Pillow's decompression-bomb limit)")
+    c.set_defaults(func=cmd_clean)
+
+    m = sub.add_parser("models", help="list model names with parameters and FLOPs")
+    m.add_argument("--timm", nargs="?", const="*", default=None, metavar="PATTERN", help="list timm model names instead")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    d = sub.add_parser("demo", help="train, evaluate and predict on scikit-learn's bundled handwritten digits")
+    d.add_argument("--output", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=12)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if (ns.quiet or rank != 0) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("duoclass").setLevel(level)
+    try:
+        if getattr(ns, "max_pixels", 0) is None:
+            from .data.clean import DEFAULT_MAX_PIXELS
+
+            ns.max_pixels = DEFAULT_MAX_PIXELS
+        return ns.func(ns)
+    except DuoclassError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; resume training with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+

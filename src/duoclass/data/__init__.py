@@ -1,0 +1,1 @@
+"""Data readers: image folders, zips and CSV manifests; cleaning and quarantine; splits."""

@@ -1,0 +1,235 @@
+"""Decoding every image fully, converting odd formats to RGB, and quarantining bad files.
+
+`decode_image` is the one decoder used by cleaning, training and prediction, so a file
+that `duoclass clean` accepts is read the same way everywhere.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import DuoclassError
+from .sources import ByteReader, Dataset, display, read_image_dataset
+
+# Pillow's own decompression-bomb threshold (about 89.5 megapixels) is our default limit.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+MIN_SIDE = 2
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; the message is the reason."""
+
+
+def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255) else 255.0
+        if mode == "F":
+            top = float(a.max(initial=1.0)) or 1.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        notes.append(f"converted {mode} (high bit depth) to 8-bit RGB")
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        notes.append("converted palette+transparency to RGB")
+    elif mode not in ("RGBA", "LA"):
+        notes.append(f"converted {mode} to RGB")
+    if im.mode in ("RGBA", "LA", "PA"):
+        if mode not in ("P",):
+            notes.append(f"converted {mode} to RGB (alpha composited on white)")
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, notes: list[str] | None = None) -> Image.Image:
+    """Decode bytes fully into an RGB PIL image with EXIF orientation applied.
+
+    Raises BadImage with a human-readable reason for anything unusable.
+    """
+    notes = [] if notes is None else notes
+    if len(data) == 0:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        # Pillow warns above its limit and refuses at twice it; we apply our own limit just below,
+        # without touching Pillow's or the warnings module's process-wide state (threads decode at once).
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"over the pixel limit ({e}; possible decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised file content)") from None
+    except Exception as e:
+        raise BadImage(f"cannot open image ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise BadImage(f"over the pixel limit ({w}x{h} = {w * h:,} pixels > {max_pixels:,}; possible decompression bomb)")
+    if min(w, h) < MIN_SIDE:
+        raise BadImage(f"too small ({w}x{h} px; at least {MIN_SIDE}x{MIN_SIDE} is needed)")
+    try:
+        im.load()
+    except Exception as e:
+        msg = str(e) or type(e).__name__
+        raise BadImage(f"truncated or corrupt image data ({msg})") from None
+    try:
+        exif_orientation = im.getexif().get(0x0112, 1)
+    except Exception:
+        exif_orientation = 1
+    if exif_orientation not in (1, None):
+        im = ImageOps.exif_transpose(im)
+        notes.append(f"applied EXIF orientation {exif_orientation}")
+    return _to_rgb(im, notes)
+
+
+@dataclass
+class Finding:
+    path: str
+    split: str
+    label: str
+    status: str  # ok | converted | bad | duplicate | ignored
+    reason: str
+    action: str = ""
+
+
+def scan_refs(
+    refs: Iterable[tuple[str, str, str]], max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 4
+) -> list[tuple[Finding, str | None]]:
+    """Decode every (ref, split, label) fully; return (finding, sha256 or None) in input order."""
+    reader = ByteReader()
+
+    def one(item: tuple[str, str, str]) -> tuple[Finding, str | None]:
+        ref, split, label = item
+        try:
+            data = reader(ref)
+        except OSError as e:
+            return Finding(display(ref), split, label, "bad", f"cannot read file ({e.strerror or e})"), None
+        notes: list[str] = []
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            decode_image(data, max_pixels, notes)
+        except BadImage as e:
+            return Finding(display(ref), split, label, "bad", str(e)), digest
+        return Finding(display(ref), split, label, "converted" if notes else "ok", "; ".join(notes)), digest
+
+    items = list(refs)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(one, items))
+
+
+def mark_duplicates(results: list[tuple[Finding, str | None]]) -> None:
+    """Mark every later exact copy (same bytes) of a usable file as a duplicate of the first."""
+    first: dict[str, Finding] = {}
+    for f, digest in results:
+        if digest is None or f.status == "bad":
+            continue
+        if digest in first:
+            orig = first[digest]
+            f.status = "duplicate"
+            cross = f" (also in split '{orig.split}': leaks between splits)" if orig.split != f.split else ""
+            f.reason = f"exact duplicate of {orig.path}{cross}"
+        else:
+            first[digest] = f
+
+
+@dataclass
+class CleanReport:
+    root: str
+    total: int
+    ok: int
+    converted: int
+    bad: int
+    duplicates: int
+    ignored: int
+    quarantined: int
+    findings: list[Finding]
+
+    def summary(self) -> str:
+        return (
+            f"{self.root}: {self.total} files checked: {self.ok} ok, {self.converted} converted on load, "
+            f"{self.bad} bad, {self.duplicates} duplicates, {self.ignored} non-image files"
+            + (f"; {self.quarantined} moved to quarantine" if self.quarantined else "")
+        )
+
+
+def clean(
+    data: str | Path,
+    quarantine: str | Path | None = None,
+    report: str | Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    path_column: str = "path",
+    label_column: str = "label",
+) -> CleanReport:
+    """Check every image of a dataset; optionally move bad files and duplicates to `quarantine`.
+
+    Nothing is ever deleted. A read-only source (a zip) is only reported.
+    """
+    ds: Dataset = read_image_dataset(data, path_column, label_column)
+    refs = [(ref, split, label) for split, items in ds.splits.items() for ref, label in items]
+    results = scan_refs(refs, max_pixels)
+    mark_duplicates(results)
+    findings = [f for f, _ in results]
+    findings += [Finding(display(ref), "", Path(display(ref)).parent.name, "ignored", reason) for ref, reason in ds.ignored]
+    moved = 0
+    if quarantine is not None:
+        qdir = Path(quarantine)
+        root = Path(data)
+        if ds.read_only:
+            for f in findings:
+                if f.status in ("bad", "duplicate", "ignored"):
+                    f.action = "reported only (read-only source)"
+        else:
+            qroot = root.parent if root.is_file() else root
+            if qdir.resolve().is_relative_to(qroot.resolve()) and root.is_dir():
+                raise DuoclassError(f"{qdir}: quarantine folder is inside the dataset {root}; choose a folder outside it")
+            for f in findings:
+                if f.status not in ("bad", "duplicate", "ignored"):
+                    continue
+                src = Path(f.path)
+                try:
+                    rel = src.resolve().relative_to(qroot.resolve())
+                except ValueError:
+                    rel = Path(src.name)
+                dst = qdir / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.exists():
+                    dst = dst.with_name(f"{dst.stem}.{hashlib.sha1(str(src).encode()).hexdigest()[:8]}{dst.suffix}")
+                shutil.move(str(src), str(dst))
+                f.action = f"moved to {dst}"
+                moved += 1
+    count = lambda s: sum(f.status == s for f in findings)  # noqa: E731
+    rep = CleanReport(
+        root=str(data), total=len(findings), ok=count("ok"), converted=count("converted"), bad=count("bad"),
+        duplicates=count("duplicate"), ignored=count("ignored"), quarantined=moved, findings=findings,
+    )
+    if report is not None:
+        write_report(rep, report)
+    return rep
+
+
+def write_report(rep: CleanReport, path: str | Path) -> tuple[Path, Path]:
+    """Write the report as JSON and CSV (same stem)."""
+    from ..checkpoint import atomic_write_json, atomic_write_text
+
+    p = Path(path)
+    jpath, cpath = p.with_suffix(".json"), p.with_suffix(".csv")
+    d = asdict(rep)
+    atomic_write_json(jpath, d)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["path", "split", "label", "status", "reason", "action"])
+    w.writeheader()
+    for f in rep.findings:
+        w.writerow(asdict(f))
+    atomic_write_text(cpath, buf.getvalue())
+    return jpath, cpath

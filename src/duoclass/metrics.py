@@ -1,0 +1,50 @@
+"""Pure metric functions on labels and probabilities."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def classification_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str], top_k: int = 5, loss: float | None = None
+) -> dict[str, Any]:
+    """Accuracy; macro/weighted precision, recall, F1; per-class scores; confusion matrix; top-k accuracy.
+
+    y_true: (N,) int class ids; probs: (N, C) probabilities.
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = len(classes)
+    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    labels = list(range(n_classes))
+    out: dict[str, Any] = {"n": int(len(y_true))}
+    if loss is not None:
+        out["loss"] = float(loss)
+    out["accuracy"] = float((y_pred == y_true).mean()) if len(y_true) else 0.0
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        out[f"precision_{avg}"], out[f"recall_{avg}"], out[f"f1_{avg}"] = float(p), float(r), float(f)
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    out["per_class"] = {
+        c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, c in enumerate(classes)
+    }
+    k = min(top_k, n_classes)
+    if len(y_true):
+        topk = np.argsort(-probs, axis=1)[:, :k]
+        out[f"top{k}_accuracy"] = float((topk == y_true[:, None]).any(axis=1).mean())
+    out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    out["classes"] = list(classes)
+    return out
+
+
+HIGHER_IS_BETTER = {"loss": False}
+
+
+def is_better(metric: str, new: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return new < best if not HIGHER_IS_BETTER.get(metric, True) else new > best

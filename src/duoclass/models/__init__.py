@@ -1,0 +1,151 @@
+"""Model registry: the names a user can type.
+
+Every model takes a dict of tensors and returns logits of shape (batch, num_classes):
+images pass `{"pixel_values": float tensor in [0, 1], shape (B, 3, H, W)}`; text passes
+token ids. Normalisation lives inside image models so attacks, export and serving all
+work in [0, 1] input space.
+
+    create_model("msresnet-small", num_classes=2, image_size=28)
+    create_model("timm:resnet18", num_classes=10, image_size=224)
+    create_model("fasttext", num_classes=4)
+    create_model("hf:path/to/folder", num_classes=2, pretrained="path/to/folder")
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import DuoclassError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    task: str  # "image" or "text"
+    builder: Callable[..., nn.Module]
+    description: str
+    defaults: dict[str, Any]
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register(name: str, task: str, description: str, **defaults: Any) -> Callable:
+    """Decorator: register a model builder under a user-facing name. Duplicate names are an error."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY or name in ALIASES:
+            raise ValueError(f"model name {name!r} is registered twice")
+        _REGISTRY[name] = ModelSpec(name, task, fn, description, defaults)
+        return fn
+
+    return deco
+
+
+def alias(short: str, target: str) -> None:
+    if short in _REGISTRY or short in ALIASES:
+        raise ValueError(f"model name {short!r} is registered twice")
+    ALIASES[short] = target
+
+
+def _load_builtin() -> None:
+    from . import msresnet  # noqa: F401  (registers msresnet-*)
+    from . import text_models  # noqa: F401  (registers albert-scratch-*, fasttext)
+
+
+def resolve_name(name: str) -> str:
+    _load_builtin()
+    return ALIASES.get(name, name)
+
+
+def get_spec(name: str) -> ModelSpec | None:
+    return _REGISTRY.get(resolve_name(name))
+
+
+def available(task: str | None = None) -> list[ModelSpec]:
+    _load_builtin()
+    return [s for s in _REGISTRY.values() if task is None or s.task == task]
+
+
+def model_task(name: str) -> str | None:
+    """'image', 'text', or None when the name is unknown."""
+    if name.startswith("timm:"):
+        return "image"
+    if name.startswith("hf:"):
+        return "text"
+    spec = get_spec(name)
+    return spec.task if spec else None
+
+
+def unknown_model_error(name: str) -> DuoclassError:
+    names = [s.name for s in available()] + list(ALIASES)
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return DuoclassError(
+        f"unknown model {name!r}; {hint}run `duoclass models` for the list, or use timm:<name> for any timm image model "
+        "or hf:<id-or-folder> for any Hugging Face text model"
+    )
+
+
+def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build a model by registered name (or `timm:<name>`) with `num_classes` outputs."""
+    if num_classes < 2:
+        raise DuoclassError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if name.startswith("timm:"):
+        from .timm_adapter import create_timm_model
+
+        return create_timm_model(name[len("timm:"):], num_classes=num_classes, **kwargs)
+    if name.startswith("hf:"):
+        from .text_models import create_hf_model
+
+        return create_hf_model(name[len("hf:"):], num_classes=num_classes, **kwargs)
+    spec = get_spec(name)
+    if spec is None:
+        raise unknown_model_error(name)
+    args = {**spec.defaults, **kwargs}
+    return spec.builder(num_classes=num_classes, **args)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, image_size: int = 224) -> int:
+    """Forward FLOPs for one 3 x S x S image (a multiply-add counts as 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    x = {"pixel_values": torch.rand(1, 3, image_size, image_size)}
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return int(counter.get_total_flops())
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with the constants saved in the weights, so inputs stay in [0, 1]."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ImageModel(nn.Module):
+    """Wraps an image backbone: dict in, normalisation inside, logits out."""
+
+    def __init__(self, backbone: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.backbone(self.normalize(batch["pixel_values"]))

@@ -1,0 +1,317 @@
+"""Bad input on the command line: one clear `error: ...` line on stderr, exit status 2, no traceback.
+
+Each case runs the real CLI (`python -m duoclass ...`) in a subprocess with cwd=tmp_path and checks
+that the message names the offending path or value and says how to fix it.
+
+Starting a subprocess costs a few seconds (importing torch), so the module-scoped `outcomes` fixture
+prepares the inputs of every selected case, runs all the commands concurrently, and each parametrized
+test then checks the result of its own case.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from PIL import Image
+
+TRAIN_FLAGS = ["--model", "msresnet-tiny", "--image-size", "16", "--epochs", "1", "--batch-size", "8",
+               "--no-progress", "--no-tensorboard", "--device", "cpu"]
+
+
+# --- data helpers ----------------------------------------------------------------------------
+def write_class(folder: Path, n: int, base: tuple[int, int, int]) -> None:
+    """n 16x16 PNGs of slightly different shades of `base` (no two files identical)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (16, 16), tuple(min(255, c + 3 * i) for c in base)).save(folder / f"{i:02d}.png")
+
+
+def make_dataset(root: Path, n: int = 10, test: int = 4) -> Path:
+    write_class(root / "train" / "red", n, (200, 10, 10))
+    write_class(root / "train" / "blue", n, (10, 10, 200))
+    if test:
+        write_class(root / "test" / "red", test, (190, 20, 20))
+        write_class(root / "test" / "blue", test, (20, 20, 190))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data root, model folder): a tiny two-class model trained for one epoch with the Python API."""
+    import duoclass
+
+    base = tmp_path_factory.mktemp("trained")
+    data = make_dataset(base / "data")
+    run = base / "run"
+    clf = duoclass.train(str(data), model="msresnet-tiny", image_size=16, epochs=1, batch_size=8, output=str(run),
+                         progress=False, tensorboard=False, device="cpu")
+    model_dir = Path(clf.result_.model_dir)
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "config.json").is_file()
+    return data, model_dir
+
+
+# --- cases -----------------------------------------------------------------------------------
+@dataclass
+class Ctx:
+    """What a case's setup gets: its own empty folder (the subprocess cwd) and, on demand, the trained model."""
+
+    tmp: Path
+    _trained: Callable[[], tuple[Path, Path]]
+
+    @property
+    def data(self) -> Path:
+        return self._trained()[0]
+
+    def model_copy(self) -> Path:
+        dst = self.tmp / "model"
+        shutil.copytree(self._trained()[1], dst)
+        return dst
+
+
+@dataclass
+class Case:
+    setup: Callable[[Ctx], tuple[list, list[str]]]  # -> (CLI arguments, strings the error line must contain)
+    needs_model: bool = False
+    # False where warnings legitimately precede the error line; the error must still be the last line.
+    only_line: bool = True
+
+
+CASES: dict[str, Case] = {}
+
+
+def case(name: str, needs_model: bool = False, only_line: bool = True) -> Callable:
+    def deco(fn: Callable[[Ctx], tuple[list, list[str]]]) -> Callable:
+        CASES[name] = Case(fn, needs_model, only_line)
+        return fn
+
+    return deco
+
+
+# training data
+@case("train-missing-folder")
+def _(c: Ctx):
+    missing = c.tmp / "does_not_exist"
+    return ["train", missing, "--output", c.tmp / "run", *TRAIN_FLAGS], [str(missing), "no such file or folder", "ImageFolder"]
+
+
+@case("train-one-class")
+def _(c: Ctx):
+    root = c.tmp / "ds"
+    write_class(root / "train" / "onlyclass", 4, (200, 10, 10))
+    return ["train", root, "--output", c.tmp / "run", *TRAIN_FLAGS], [str(root), "'onlyclass'", "at least 2 classes"]
+
+
+@case("train-empty-class-folder")
+def _(c: Ctx):
+    root = c.tmp / "ds"
+    write_class(root / "train" / "a", 4, (200, 10, 10))
+    (root / "train" / "b").mkdir()
+    return ["train", root, "--output", c.tmp / "run", *TRAIN_FLAGS], [str(root / "train" / "b"), "has no images", "remove the folder"]
+
+
+@case("train-manifest-without-path-column")
+def _(c: Ctx):
+    write_class(c.tmp / "img" / "a", 3, (200, 10, 10))
+    write_class(c.tmp / "img" / "b", 3, (10, 10, 200))
+    manifest = c.tmp / "manifest.csv"
+    rows = ["file,label"] + [f"img/{k}/{i:02d}.png,{k}" for k in "ab" for i in range(3)]
+    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return (["train", manifest, "--output", c.tmp / "run", *TRAIN_FLAGS],
+            [str(manifest), "no 'path' column", "file, label", "--path-column"])
+
+
+# settings
+@case("train-unknown-model")
+def _(c: Ctx):
+    data = make_dataset(c.tmp / "data", n=3, test=0)
+    flags = [("nosuchnet" if a == "msresnet-tiny" else a) for a in TRAIN_FLAGS]
+    return ["train", data, "--output", c.tmp / "run", *flags], ["'nosuchnet'", "`duoclass models`"]
+
+
+@case("train-negative-epochs")
+def _(c: Ctx):
+    data = make_dataset(c.tmp / "data", n=3, test=0)
+    return ["train", data, "--output", c.tmp / "run", *TRAIN_FLAGS, "--epochs", "-1"], ["--epochs", "got -1", "e.g. --epochs 10"]
+
+
+@case("train-resume-folder-without-state")
+def _(c: Ctx):
+    run = c.tmp / "not_a_run"
+    run.mkdir()
+    return ["train", "--resume", run], [str(run / "config.yaml"), "not found", "--resume needs the folder of an earlier run"]
+
+
+@case("train-resume-with-data-folder-without-state")
+def _(c: Ctx):
+    data = make_dataset(c.tmp / "data", n=3, test=0)
+    run = c.tmp / "not_a_run"
+    run.mkdir()
+    return ["train", data, "--resume", run, *TRAIN_FLAGS], [str(run / "state.pt"), "no training state to resume from", "--output"]
+
+
+@case("train-yaml-unknown-key")
+def _(c: Ctx):
+    data = make_dataset(c.tmp / "data", n=3, test=0)
+    cfg = c.tmp / "settings.yaml"
+    cfg.write_text("epochs: 1\nlearning_rate: 0.1\n", encoding="utf-8")
+    return (["train", data, "--config", cfg, "--output", c.tmp / "run"],
+            [str(cfg), "unknown setting(s) learning_rate", "duoclass train --help"])
+
+
+# model folders: missing or damaged files, for predict and for evaluate
+def _delete(name: str) -> Callable[[Path], Path]:
+    def damage(m: Path) -> Path:
+        (m / name).unlink()
+        return m / name
+
+    return damage
+
+
+def _flip_byte(m: Path) -> Path:
+    p = m / "model.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    return p
+
+
+def _garble_config(m: Path) -> Path:
+    p = m / "config.json"
+    p.write_text(p.read_text(encoding="utf-8")[:40], encoding="utf-8")  # truncated JSON
+    return p
+
+
+def _foreign_config(m: Path) -> Path:
+    p = m / "config.json"
+    p.write_text(json.dumps({"hello": "world"}), encoding="utf-8")
+    return p
+
+
+def _wrong_type_in_config(m: Path) -> Path:
+    p = m / "config.json"
+    cfg = json.loads(p.read_text(encoding="utf-8"))
+    cfg["files"] = list(cfg["files"])  # valid JSON, wrong shape
+    p.write_text(json.dumps(cfg), encoding="utf-8")
+    return p
+
+
+DAMAGE = {
+    "missing-weights": (_delete("model.safetensors"), ["missing from the model folder", "copy the whole folder again"]),
+    "tampered-weights": (_flip_byte, ["checksum mismatch", "copy the model folder again"]),
+    "missing-config": (_delete("config.json"), ["missing", "copy the whole folder"]),
+    "garbled-config": (_garble_config, ["not valid JSON", "copy the model folder again"]),
+    "foreign-config": (_foreign_config, ["not a duoclass model config", "duoclass train"]),
+    "config-wrong-shape": (_wrong_type_in_config, ["'files' should be a JSON object", "copy the model folder again"]),
+}
+
+
+def _damaged_case(command: str, damage: str) -> None:
+    fn, words = DAMAGE[damage]
+
+    def setup(c: Ctx):
+        model = c.model_copy()
+        bad = fn(model)
+        target = c.data / "test" / "red" / "00.png" if command == "predict" else c.data
+        return [command, model, target], [str(bad), *words]
+
+    CASES[f"{command}-{damage}"] = Case(setup, needs_model=True)
+
+
+for _command in ("predict", "evaluate"):
+    for _damage in DAMAGE:
+        # read_model_folder is shared by both commands; the rarer damages are checked through predict only
+        if _command == "predict" or _damage not in ("foreign-config", "config-wrong-shape"):
+            _damaged_case(_command, _damage)
+
+
+# evaluate
+@case("evaluate-unknown-split", needs_model=True)
+def _(c: Ctx):
+    return (["evaluate", c.model_copy(), c.data, "--split", "holdout"],
+            [str(c.data), "no 'holdout' split", "found: test, train", "--split NAME"])
+
+
+@case("evaluate-label-unseen-in-training", needs_model=True)
+def _(c: Ctx):
+    other = c.tmp / "other"
+    shutil.copytree(c.data, other)
+    write_class(other / "test" / "green", 2, (10, 200, 10))
+    return (["evaluate", c.model_copy(), other],
+            [str(other), "label 'green' never appears in the training data", "known: blue, red", "fix the label"])
+
+
+@case("evaluate-split-all-unreadable", needs_model=True, only_line=False)
+def _(c: Ctx):
+    data = c.tmp / "ds"
+    shutil.copytree(c.data / "train", data / "train")
+    (data / "test" / "red").mkdir(parents=True)
+    (data / "test" / "red" / "fake.png").write_bytes(b"not a png")
+    return (["evaluate", c.model_copy(), data],
+            [str(data), "nothing to evaluate in the 'test' split", "none of its 1 images could be read", "--split"])
+
+
+# predict
+@case("predict-missing-input", needs_model=True)
+def _(c: Ctx):
+    missing = c.tmp / "no_such_image.png"
+    return ["predict", c.model_copy(), missing], [str(missing), "no such file or folder", "pass an image"]
+
+
+@case("predict-corrupt-zip", needs_model=True)
+def _(c: Ctx):
+    bad = c.tmp / "inputs.zip"
+    bad.write_bytes(b"not a zip at all")
+    return ["predict", c.model_copy(), bad], [str(bad), "not a readable zip file", "unzip it"]
+
+
+# --- running ---------------------------------------------------------------------------------
+def run_cli(cwd: Path, args: list) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "duoclass", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=180, env=env)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """case name -> (CompletedProcess, needles, Ctx) for every selected case, run concurrently."""
+    selected = [it.callspec.params["name"] for it in request.session.items
+                if getattr(it, "function", None) is test_bad_input and hasattr(it, "callspec")]
+    trained = lambda: request.getfixturevalue("trained")  # noqa: E731  (trained only when a case needs it)
+    # Cases without a model start first, so they run while the model trains.
+    selected.sort(key=lambda name: CASES[name].needs_model)
+    workers = max(2, min(8, (os.cpu_count() or 2) * 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        started = {}
+        for name in selected:
+            ctx = Ctx(tmp_path_factory.mktemp(name), trained)
+            args, needles = CASES[name].setup(ctx)
+            started[name] = (pool.submit(run_cli, ctx.tmp, args), needles, ctx)
+        return {name: (future.result(), needles, ctx) for name, (future, needles, ctx) in started.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(outcomes: dict, name: str) -> None:
+    r, needles, ctx = outcomes[name]
+    detail = f"\n--- {name}: rc={r.returncode}\n--- stdout:\n{r.stdout}\n--- stderr:\n{r.stderr}"
+    assert "Traceback" not in r.stdout and "Traceback" not in r.stderr, detail
+    assert r.returncode == 2, detail
+    # These errors come before any work starts, so stderr is the error line and nothing else
+    # (or, where a case allows it, warnings about the input and then the error line, last).
+    lines = r.stderr.strip().splitlines()
+    assert lines and sum(x.startswith("error: ") for x in lines) == 1, detail
+    if CASES[name].only_line:
+        assert len(lines) == 1, detail
+    line = lines[-1]
+    assert line.startswith("error: "), detail
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in the error line{detail}"
+    assert r.stdout == "", detail
+    assert not (ctx.tmp / "run" / "model").exists(), "a failed run must not leave a model folder"

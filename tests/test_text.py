@@ -1,0 +1,249 @@
+"""Text classification on the shared engine, fully offline: readers, tokenizers, every text model,
+train -> model folder -> load -> predict, pretraining, and bad input through the CLI.
+
+Toy task: a sentence of filler words plus one sentiment word; any working model separates it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import duoclass
+from duoclass import cli
+from duoclass.errors import DuoclassError
+from duoclass.models import available, count_params, create_model
+
+from .conftest import run_cli, shared
+
+pytestmark = pytest.mark.timeout(180)
+
+TEXT_MODELS = [s.name for s in available("text")]
+POS = "good great excellent lovely superb wonderful".split()
+NEG = "bad awful terrible poor horrible dreadful".split()
+FILLER = "the movie was film plot acting really quite a story".split()
+FAST = dict(batch_size=16, progress=False, tensorboard=False, device="cpu", seed=0)
+
+
+def toy_rows(n: int, prefix: str, seed: int) -> list[tuple[str, str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        y = "pos" if i % 2 == 0 else "neg"
+        words = [rng.choice(FILLER) for _ in range(5)] + [rng.choice(POS if y == "pos" else NEG)]
+        rng.shuffle(words)
+        rows.append((f"{prefix}-{i}", " ".join(words), y))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple], header: tuple = ("id", "text", "label"), encoding: str = "utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding=encoding) as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("text") / "toy"
+    write_csv(root / "train.csv", toy_rows(160, "train", 0))
+    write_csv(root / "valid.csv", toy_rows(30, "valid", 1))
+    write_csv(root / "test.csv", toy_rows(30, "test", 2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def albert(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> duoclass.Classifier:
+    """albert-scratch-tiny with a WordPiece tokenizer trained inside the test."""
+    out = tmp_path_factory.mktemp("albert")
+    return duoclass.train(toy, model="albert-scratch-tiny", epochs=4, lr=1e-3, output=str(out), **FAST)
+
+
+# --- models ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("pooling", ["cls", "attention"])
+@pytest.mark.parametrize("name", TEXT_MODELS)
+def test_text_model_contract(name: str, pooling: str) -> None:
+    """Every text model: dict of input_ids/attention_mask in, (B, C) logits out; padding does not change them."""
+    args = {"vocab_size": 120} if name.startswith("albert") else {"buckets": 1000}
+    m = create_model(name, num_classes=3, pooling=pooling, **args).eval()
+    ids = torch.tensor([[2, 17, 18, 19, 3], [2, 20, 3, 0, 0]])
+    mask = (ids != 0).long()
+    out = m({"input_ids": ids, "attention_mask": mask})
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    # the second example alone (no padding) gives the same logits: the mask is honoured
+    alone = m({"input_ids": ids[1:, :3], "attention_mask": mask[1:, :3]})
+    assert torch.allclose(out[1], alone[0], atol=1e-4)
+    # rebuilding from the same args gives the same state dict keys and shapes (model folders rely on it)
+    again = create_model(name, num_classes=3, pooling=pooling, **args)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+    if pooling == "attention":
+        assert any(k.endswith("pool.score.weight") for k in m.state_dict())
+
+
+def test_models_command_lists_text_presets(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["models"]}
+    for name in TEXT_MODELS:
+        assert rows[name]["task"] == "text"
+        assert rows[name]["params"] == count_params(create_model(name, num_classes=2))
+
+
+# --- train -> folder -> load -> predict ------------------------------------------------------
+def test_albert_train_save_load_predict(albert: duoclass.Classifier, toy: Path, tmp_path: Path) -> None:
+    res = albert.result_
+    assert res.test["accuracy"] >= 0.9
+    folder = Path(res.model_dir)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["task"] == "text" and cfg["preprocessing"]["tokenizer"] == "hf"
+    assert "tokenizer/tokenizer.json" in cfg["files"]  # tokenizer files are hashed with the weights
+    clf = duoclass.load(folder, device="cpu")
+    assert clf.predict(["a great film", "an awful plot"]) == ["pos", "neg"]
+    assert clf.predict_proba("superb story").shape == (1, 2)
+    assert clf.evaluate(toy, split="test")["accuracy"] == pytest.approx(res.test["accuracy"])
+
+    # testa.csv in GBK with ids out of order and a quoted newline: ids and order are kept
+    rows = [("z9", "a great\nmovie", ), ("a1", "an awful film"), ("m5", "这部电影很好 excellent")]
+    write_csv(tmp_path / "in" / "testa.csv", rows, header=("id", "text"), encoding="gbk")
+    out = tmp_path / "result.csv"
+    r = run_cli("predict", str(folder), str(tmp_path / "in"), "--output", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    got = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [g["id"] for g in got] == ["z9", "a1", "m5"]
+    assert list(got[0]) == ["id", "label"]
+    assert [g["label"] for g in got] == ["pos", "neg", "pos"]
+
+    # no id column: 0-based row numbers; --top-k adds probability and top_k
+    from duoclass.predict import predict_to_csv
+
+    write_csv(tmp_path / "plain.csv", [("lovely acting",), ("dreadful story",)], header=("text",))
+    predict_to_csv(clf, tmp_path / "plain.csv", tmp_path / "plain_out.csv", top_k=2)
+    got = list(csv.DictReader((tmp_path / "plain_out.csv").open(encoding="utf-8")))
+    assert [g["id"] for g in got] == ["0", "1"] and set(got[0]) == {"id", "label", "probability", "top_k"}
+    assert got[0]["top_k"].startswith(got[0]["label"] + ":")
+
+
+def test_fasttext_learns_toy_task(toy: Path, tmp_path: Path) -> None:
+    clf = duoclass.train(toy, model="fasttext", epochs=4, lr=1e-2, output=str(tmp_path / "ft"), **FAST)
+    assert clf.result_.test["accuracy"] >= 0.8  # chance is 0.5
+    assert clf.predict(["wonderful acting", "horrible movie"]) == ["pos", "neg"]
+
+
+def test_attention_pooling_trains(toy: Path, tmp_path: Path) -> None:
+    clf = duoclass.train(toy, model="albert-scratch-tiny", pooling="attention", epochs=4, lr=1e-3,
+                         output=str(tmp_path / "att"), **FAST)
+    assert clf.config_["model"]["args"]["pooling"] == "attention"
+    assert clf.result_.test["accuracy"] >= 0.8
+
+
+def test_pretrain_then_finetune(toy: Path, tmp_path: Path) -> None:
+    from duoclass.pretrain import PretrainConfig, pretrain
+
+    summary = pretrain(PretrainConfig(corpus=str(toy / "train.csv"), output=str(tmp_path / "mlm"), max_steps=4,
+                                      batch_size=16, device="cpu", log_every=2))
+    assert summary["steps"] == 4 and summary["final_loss"] > 0
+    names = {p.name for p in (tmp_path / "mlm").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "pretrain.json"} <= names
+    clf = duoclass.train(toy, model=str(tmp_path / "mlm"), epochs=1, lr=1e-3, output=str(tmp_path / "ft"), **FAST)
+    cfg = clf.config_
+    assert cfg["model"]["name"] == f"hf:{tmp_path / 'mlm'}" and cfg["model"]["args"]["hf_config"]["model_type"] == "albert"
+    # the model folder rebuilds offline even when the pretraining folder is gone
+    import shutil
+
+    shutil.rmtree(tmp_path / "mlm")
+    assert len(duoclass.load(clf.result_.model_dir, device="cpu").predict(["great", "bad"])) == 2
+
+
+# --- readers ---------------------------------------------------------------------------------
+def test_single_file_jsonl_split_and_skipped_rows(tmp_path: Path) -> None:
+    from duoclass.api import resolve_settings
+    from duoclass.config import TrainConfig
+    from duoclass.text import prepare_text
+
+    rows = toy_rows(60, "r", 3)
+    lines = [json.dumps({"id": i, "text": t, "label": y}, ensure_ascii=False) for i, t, y in rows]
+    lines.insert(5, json.dumps({"id": "empty-1", "text": "  ", "label": "pos"}))
+    (tmp_path / "all.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = resolve_settings(TrainConfig(data=str(tmp_path / "all.jsonl"), model="fasttext"))
+    assert cfg.task == "text"
+    data = prepare_text(cfg)
+    assert len(data.train) + len(data.valid) + len(data.test) == 60
+    assert len(data.skipped) == 1 and data.skipped[0].path.endswith("all.jsonl:6")
+    assert any("held out" in n and "as test" in n for n in data.notes)
+    assert any("skipped 1 rows with empty text" in n for n in data.notes)
+    assert data.augment is None
+
+
+def test_chinese_gets_a_character_tokenizer(tmp_path: Path) -> None:
+    from duoclass.text import train_tokenizer
+
+    tok, kind = train_tokenizer(["这家酒店很好，服务不错", "房间太小了，很吵"] * 20, vocab_size=200)
+    assert kind == "trained-char"
+    assert tok.convert_ids_to_tokens(tok("酒店很好")["input_ids"]) == ["[CLS]", "酒", "店", "很", "好", "[SEP]"]
+
+
+def test_real_data_slice(tmp_path: Path) -> None:
+    """fasttext on a slice of SMS spam (real, imbalanced): well above the majority-class rate."""
+    src = shared("text/sms_spam")
+    for split, n in (("train", 600), ("valid", 100), ("test", 200)):
+        lines = (src / f"{split}.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+        head = list(csv.reader(lines))
+        write_csv(tmp_path / "sms" / f"{split}.csv", head[1 : n + 1], header=tuple(head[0]))
+    clf = duoclass.train(tmp_path / "sms", model="fasttext", epochs=3, lr=1e-2, output=str(tmp_path / "run"),
+                         **dict(FAST, batch_size=32))
+    test = clf.result_.test
+    majority = max(s["support"] for s in test["per_class"].values()) / test["n"]
+    assert test["accuracy"] > majority and test["f1_macro"] > 0.8
+
+
+# --- bad input: one `error:` line, exit status 2, no traceback -------------------------------
+def _error_line(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and sum(x.startswith("error: ") for x in err.splitlines()) == 1
+    return last
+
+
+def test_bad_input_errors(albert: duoclass.Classifier, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train = ["train", "--model", "fasttext", "--epochs", "1", "--no-progress", "--output", str(tmp_path / "run")]
+    bad = tmp_path / "nocol"
+    write_csv(bad / "train.csv", [("1", "good", "pos")], header=("id", "sentence", "label"))
+    line = _error_line(capsys, [*train[:1], str(bad), *train[1:]])
+    assert "train.csv" in line and "'text'" in line and "--text-column" in line
+
+    dup = tmp_path / "dup"
+    write_csv(dup / "train.csv", [("1", "good", "pos"), ("2", "bad", "neg"), ("1", "great", "pos")])
+    line = _error_line(capsys, [*train[:1], str(dup), *train[1:]])
+    assert "line 4" in line and "duplicate id '1'" in line and "line 2" in line
+
+    nolabel = tmp_path / "nolabel"
+    write_csv(nolabel / "train.csv", [("1", "good", "pos"), ("2", "bad", "")])
+    line = _error_line(capsys, [*train[:1], str(nolabel), *train[1:]])
+    assert "line 3" in line and "empty label" in line
+
+    unseen = tmp_path / "unseen"
+    write_csv(unseen / "test.csv", [("1", "good", "pos"), ("2", "meh", "neutral")])
+    line = _error_line(capsys, ["evaluate", str(albert.result_.model_dir), str(unseen), "--device", "cpu"])
+    assert "test.csv" in line and "'neutral'" in line and "never appears in the training data" in line
+
+
+def test_offline_hub_model_is_one_clear_error(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text data without --model means hf:albert-base-v2; offline that is one line naming the way out."""
+    r = run_cli("train", str(toy), "--epochs", "1", "--output", str(tmp_path / "run"),
+                env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "no-hub")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: hf:albert-base-v2") and "download" in last and "--model albert-scratch-tiny" in last
+    from duoclass.text import load_hf_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-hub"))
+    with pytest.raises(DuoclassError, match="albert-scratch-tiny"):
+        load_hf_tokenizer("albert-base-v2")
