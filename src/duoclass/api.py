@@ -59,9 +59,10 @@ def resolve_settings(cfg: TrainConfig) -> TrainConfig:
     """Fill the task-dependent defaults; the result is what the run records in config.yaml.
 
     A Hugging Face folder as --model means hf:FOLDER; text data with the image default model
-    (msresnet) gets hf:albert-base-v2; hf: models start from their own weights.
+    (msresnet) gets hf:albert-base-v2; hf: models start from their own weights; an unset
+    learning rate becomes the model's recommended one (models.default_lr).
     """
-    from .models import model_task
+    from .models import default_lr, model_task
     from .models.text_models import is_hf_folder
 
     if not cfg.model.startswith(("hf:", "timm:")) and is_hf_folder(cfg.model):
@@ -76,7 +77,8 @@ def resolve_settings(cfg: TrainConfig) -> TrainConfig:
                             f"pick a {task} model from `duoclass models`")
     if model.startswith("hf:") and pretrained is None:
         pretrained = model[len("hf:"):]
-    return dataclasses.replace(cfg, task=task, model=model, pretrained=pretrained)
+    lr = cfg.lr if cfg.lr is not None else default_lr(model)
+    return dataclasses.replace(cfg, task=task, model=model, pretrained=pretrained, lr=lr)
 
 
 def prepare(cfg: TrainConfig) -> TaskData:
@@ -84,6 +86,10 @@ def prepare(cfg: TrainConfig) -> TaskData:
     task = infer_task(cfg)
     if task == "image":
         from .image import prepare_images
+        from .text_augment import CONFIG_FIELDS
+
+        if cfg.text_augment != "none" or cfg.back_translate or any(getattr(cfg, f) for f in CONFIG_FIELDS.values()):
+            log.warning("text augmentation settings (--text-augment, --text-*, --back-translate) do not apply to images; ignored")
 
         return prepare_images(cfg)
     from .text import prepare_text

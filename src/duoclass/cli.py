@@ -4,6 +4,7 @@
     duoclass evaluate runs/x/model DATA --split test --json
     duoclass predict runs/x/model INPUT --output predictions.csv --top-k 3
     duoclass clean DATA --quarantine quarantine/ --report clean_report
+    duoclass tune DATA --trials 20 --epochs 5 --study-dir runs/tune   # then: duoclass train --config runs/tune/best.yaml
     duoclass pretrain corpus.txt --output runs/mlm        # then: duoclass train DATA --model runs/mlm
     duoclass models
     duoclass demo
@@ -28,12 +29,14 @@ log = logging.getLogger("duoclass")
 
 
 # --- train flags generated from TrainConfig -------------------------------------------------
-def add_config_flags(p: argparse.ArgumentParser, cls: type | None = None) -> None:
-    """One flag per field of a settings dataclass (TrainConfig by default)."""
+def add_config_flags(p: argparse.ArgumentParser, cls: type | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a settings dataclass (TrainConfig by default), except the fields in `skip`."""
     from .config import TrainConfig, field_type
 
     cls = cls or TrainConfig
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         help_ = f.metadata.get("help", "")
         if f.metadata.get("positional"):
             p.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_)
@@ -86,6 +89,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print(json.dumps({"model_dir": str(res.model_dir), "split": "test" if res.test else "valid",
                           "accuracy": round(final["accuracy"], 4), "f1_macro": round(final["f1_macro"], 4),
                           "skipped_files": res.skipped, "seconds": round(res.seconds, 1)}))
+    return 0
+
+
+def cmd_tune(ns: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import TrainConfig
+    from .tune import tune
+
+    cfg = config_from_args(ns)  # validates --config too
+    fixed = {f.name for f in dataclasses.fields(TrainConfig) if hasattr(ns, f.name)}  # flags given are not searched
+    if ns.config:
+        fixed |= set(yaml.safe_load(Path(ns.config).read_text(encoding="utf-8")) or {})
+    summary = tune(cfg, ns.trials, ns.study_dir, timeout=ns.timeout, fixed=fixed)
+    print(json.dumps(summary))
     return 0
 
 
@@ -195,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file of settings (flags given on the command line win)")
     t.add_argument("--nproc", type=int, default=1, help="train with N processes (torchrun, DDP)")
     t.set_defaults(func=cmd_train)
+
+    tu = sub.add_parser("tune", help="search learning rate, batch size, ... with Optuna; writes STUDY_DIR/best.yaml",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tu.add_argument("--trials", type=int, required=True, help="trials to run (added to the study when it exists)")
+    tu.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    tu.add_argument("--study-dir", default="runs/tune", help="study.db, trial-N/ runs, best.yaml and summary.json")
+    tu.add_argument("--config", help="YAML file of settings (flags given on the command line win); its settings are fixed")
+    add_config_flags(tu, skip=("output", "resume"))  # trials write to STUDY_DIR/trial-N
+    tu.set_defaults(func=cmd_tune)
 
     e = sub.add_parser("evaluate", help="metrics of a model folder on a labelled split")
     e.add_argument("model_dir")

@@ -49,6 +49,30 @@ class TrainConfig:
     lowercase: bool = _f(True, "text task: lowercase text for tokenizers trained on the data and for fasttext n-grams "
                                "(pretrained tokenizers keep their own setting)")
     vocab_size: int = _f(8000, "text task: vocabulary size of a tokenizer trained on the data (albert-scratch-*)")
+    text_augment: str = _f(
+        "none", "text task: training-text augmentation preset: none, light (delete/swap/synonym 0.05), "
+        "default (EDA: delete/insert/swap/synonym 0.1); words, or characters for Chinese"
+    )
+    text_delete: Optional[float] = _f(None, "text task: probability of dropping each word/character (overrides the preset)")
+    text_insert: Optional[float] = _f(
+        None, "text task: per word/character, probability of inserting a neighbour of a random one (overrides the preset)"
+    )
+    text_swap: Optional[float] = _f(None, "text task: probability of swapping each word/character with another (overrides the preset)")
+    text_synonym: Optional[float] = _f(
+        None, "text task: probability of replacing each word/character by a neighbour from --synonyms (overrides the preset)"
+    )
+    synonyms: Literal["embedding", "wordnet"] = _f(
+        "embedding", "text task: neighbours for synonym replacement and insertion: embedding (offline: co-occurrence "
+        "PPMI+SVD vectors of the training texts, cosine top-10) or wordnet (needs nltk and its wordnet corpus)"
+    )
+    back_translate: Optional[str] = _f(
+        None, "text task: FORWARD_DIR,BACK_DIR: two local Hugging Face seq2seq folders (e.g. opus-mt en-de and de-en); "
+        "training texts are translated there and back once before training (cached)"
+    )
+    text_back_translate: Optional[float] = _f(
+        None, "text task: probability of training on an example's back-translation instead of the original "
+        "(overrides the preset: light 0.3, default 0.5; needs --back-translate)"
+    )
 
     # --- model --------------------------------------------------------------------------
     model: str = _f(
@@ -68,7 +92,10 @@ class TrainConfig:
     # --- optimisation -------------------------------------------------------------------
     epochs: int = _f(30, "number of passes over the training data")
     batch_size: int = _f(64, "examples per step (per process when distributed)")
-    lr: float = _f(2e-3, "peak learning rate")
+    lr: Optional[float] = _f(
+        None, "peak learning rate; default: the model's recommended rate (msresnet and timm: 2e-3, albert-scratch: 1e-3, "
+        "fasttext: 1e-2, hf: checkpoints 5e-5, hf: folders from `duoclass pretrain` 5e-4); config.yaml records the value used"
+    )
     weight_decay: float = _f(0.05, "decoupled weight decay (AdamW); L2 for Adam")
     optimizer: Literal["adamw", "adam"] = _f("adamw", "optimizer")
     schedule: Literal["cosine", "onecycle", "plateau", "constant"] = _f(
@@ -76,7 +103,10 @@ class TrainConfig:
     )
     warmup_epochs: float = _f(1.0, "linear warmup length in epochs (cosine schedule)")
     label_smoothing: float = _f(0.1, "cross-entropy label smoothing")
-    class_weights: Literal["none", "auto"] = _f("auto", "'auto' weights the loss by inverse class frequency when classes are imbalanced")
+    class_weights: Literal["none", "auto", "balanced", "sqrt"] = _f(
+        "auto", "loss weights for imbalanced classes (largest/smallest > 1.5): balanced = inverse frequency, "
+        "sqrt = its square root (a milder correction), auto = sqrt, none = off"
+    )
     grad_clip: float = _f(5.0, "clip the gradient norm to this value; 0 = off")
     ema: float = _f(0.0, "exponential moving average of weights (e.g. 0.999); 0 = off")
     amp: bool = _f(True, "mixed precision on CUDA (ignored on CPU)")
@@ -106,7 +136,7 @@ class TrainConfig:
             bad("epochs", f"got {self.epochs}; the number of epochs must be a positive integer, e.g. --epochs 10")
         if self.batch_size < 1:
             bad("batch_size", f"got {self.batch_size}; use a positive batch size, e.g. --batch-size 64")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             bad("lr", f"got {self.lr}; the learning rate must be > 0, e.g. --lr 1e-3")
         if self.weight_decay < 0:
             bad("weight_decay", f"got {self.weight_decay}; must be >= 0")
@@ -136,11 +166,23 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 1:
                 bad(name, f"got {v}; a probability must be in [0, 1]")
+        for name in ("text_delete", "text_insert", "text_swap", "text_synonym", "text_back_translate"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 1:
+                bad(name, f"got {v}; a probability must be in [0, 1]")
+        from .text_augment import TEXT_PRESETS, parse_back_translate
+
+        if self.text_augment not in TEXT_PRESETS:
+            bad("text_augment", f"unknown preset {self.text_augment!r}; choose one of: {', '.join(TEXT_PRESETS)}")
+        if self.back_translate is not None:
+            parse_back_translate(self.back_translate)
+        elif self.text_back_translate:
+            bad("text_back_translate", "needs the translation models: add --back-translate FORWARD_DIR,BACK_DIR")
         from .image import PRESETS
 
         if self.augment not in PRESETS:
             bad("augment", f"unknown preset {self.augment!r}; choose one of: {', '.join(PRESETS)}")
-        for name in ("task", "optimizer", "schedule", "class_weights", "device", "pooling"):
+        for name in ("task", "optimizer", "schedule", "class_weights", "device", "pooling", "synonyms"):
             choices = typing.get_args(_hints()[name])
             if getattr(self, name) not in choices:
                 bad(name, f"got {getattr(self, name)!r}; choose one of: {', '.join(choices)}")

@@ -130,13 +130,19 @@ def _tuplify(x: Any) -> Any:
 
 # --- building blocks ------------------------------------------------------------------------
 def class_weights(labels: list[int], n_classes: int, mode: str) -> torch.Tensor | None:
-    """Inverse-frequency weights (mean 1) when classes are imbalanced (largest/smallest > 1.5)."""
-    if mode != "auto":
+    """Loss weights (mean 1) when classes are imbalanced (largest/smallest > 1.5), else None.
+
+    balanced: inverse class frequency; sqrt (and auto): its square root, which corrects the
+    imbalance only half way in log space and over-corrects less when the model memorises.
+    """
+    if mode == "none":
         return None
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     if counts.min() == 0 or counts.max() / counts.min() <= 1.5:
         return None
     w = counts.sum() / (n_classes * counts)
+    if mode in ("sqrt", "auto"):
+        w = np.sqrt(w)
     return torch.tensor(w / w.mean(), dtype=torch.float32)
 
 
@@ -335,9 +341,17 @@ def model_config(cfg: TrainConfig, data: TaskData, model_name: str, model_args: 
     }
 
 
-def fit(cfg: TrainConfig, data: TaskData) -> RunResult:
-    """Train, validate every epoch, keep the best model folder, evaluate it on test."""
+def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
+    """Train, validate every epoch, keep the best model folder, evaluate it on test.
+
+    on_epoch(epoch, valid_metrics), if given, is called on rank 0 at the end of every epoch
+    (1-based), after the epoch's files (metrics, best model folder, state.pt) are written.
+    An exception it raises ends the run and propagates out of `fit`; `duoclass tune` raises
+    optuna.TrialPruned there to stop a bad trial early. Meant for single-process runs.
+    """
     start = time.time()
+    if cfg.lr is None:
+        raise DuoclassError("fit: no learning rate; pass the settings through api.resolve_settings first")
     device = pick_device(cfg.device)
     d = init_distributed(device)
     seed_everything(cfg.seed + d.rank, cfg.deterministic)
@@ -357,7 +371,7 @@ def fit(cfg: TrainConfig, data: TaskData) -> RunResult:
     model.to(device)
     weights = class_weights(data.train_labels, len(data.classes), cfg.class_weights)
     if weights is not None and d.main:
-        log.info("class weights (auto, imbalanced data): %s", ", ".join(f"{c}={w:.2f}" for c, w in zip(data.classes, weights.tolist())))
+        log.info("class weights (%s, imbalanced data): %s", cfg.class_weights, ", ".join(f"{c}={w:.2f}" for c, w in zip(data.classes, weights.tolist())))
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, label_smoothing=cfg.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
     optimizer = make_optimizer(model, cfg)
@@ -403,6 +417,8 @@ def fit(cfg: TrainConfig, data: TaskData) -> RunResult:
 
     for epoch in range(epoch0, cfg.epochs):
         t0 = time.time()
+        if hasattr(data.train, "set_epoch"):  # per-epoch randomness of the dataset itself (text augmentation)
+            data.train.set_epoch(epoch)
         loader = make_loader(data.train, cfg, data.collate, True, epoch, d, workers)
         bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and d.main), leave=False, dynamic_ncols=True)
         train_loss = train_one_epoch(
@@ -458,6 +474,13 @@ def fit(cfg: TrainConfig, data: TaskData) -> RunResult:
                 "history": json.dumps(history), "rng": rngs,
             })
         d.barrier()
+        if on_epoch is not None and d.main:
+            try:
+                on_epoch(epoch + 1, vm)
+            except BaseException:
+                if writer is not None:
+                    writer.close()
+                raise
         if stop:
             if d.main:
                 log.info("early stopping: no %s improvement for %d epochs", cfg.select_metric, cfg.early_stopping)

@@ -15,11 +15,14 @@ Three ways to turn text into ids, picked by the model (models.text_models.text_i
     ngram-hash  fasttext: hashed words, word bigrams and char 3/4-grams; no files
 
 The tokenizer files travel in the model folder under `tokenizer/`; loading never downloads.
+Training texts can be augmented per example and epoch (--text-augment, see text_augment.py);
+valid and test texts never are.
 
 CPU example:  duoclass train ../shared/data/text/trec6 --model albert-scratch-tiny --epochs 3 --lr 1e-3
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -421,6 +424,7 @@ def prepare_text(cfg: Any) -> "TaskData":
         return TextDataset(pre.encode([r.text for r in recs]), labels)
 
     train_ds, valid_ds, test_ds = build("train"), build("valid"), build("test")
+    train_ds = augmented_training_set(cfg, [r.text for r in train], train_ds, pre, notes)  # type: ignore[arg-type]
     if valid_ds is None:
         raise DuoclassError(f"{cfg.data}: the valid split is empty; add rows to it or remove the file")
     lengths = sorted(len(x) for x in train_ds.cache)  # type: ignore[union-attr]
@@ -442,6 +446,27 @@ def prepare_text(cfg: Any) -> "TaskData":
         extra_files=pre.files(),
         augment=None,
     )
+
+
+def augmented_training_set(cfg: Any, texts: list[str], ds: TextDataset, pre: TextPreprocessor, notes: list[str]) -> Any:
+    """The training set with text augmentation (--text-augment and friends), or `ds` itself when it is off."""
+    from .text_augment import (AugmentedTextDataset, TextAugment, TextAugmenter, back_translate, parse_back_translate,
+                               resolve_text_augment, synonym_source)
+
+    aug = resolve_text_augment(cfg)
+    if aug == TextAugment():
+        return ds
+    synonyms = synonym_source(cfg.synonyms, texts, cfg.seed) if (aug.synonym or aug.insert) else None
+    back = None
+    if aug.back_translate:
+        fwd, bwd = parse_back_translate(cfg.back_translate)
+        back, counts = back_translate(texts, fwd, bwd, device=cfg.device, max_length=cfg.max_length)
+        notes.append(f"back-translation: {counts['translated']} texts translated, {counts['cached']} from the cache, "
+                     f"{counts['empty']} came back empty (kept as they are)")
+    ops = ", ".join(f"{k} {v:g}" for k, v in dataclasses.asdict(aug).items() if v)
+    notes.append(f"text augmentation ({cfg.text_augment} preset + overrides): {ops}"
+                 + (f"; neighbours: {cfg.synonyms}" if synonyms is not None else ""))
+    return AugmentedTextDataset(texts, ds.labels, pre.load, TextAugmenter(aug, synonyms), cfg.seed, ds.cache, back)
 
 
 # --- prediction and evaluation inputs -------------------------------------------------------

@@ -29,19 +29,24 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     description: str
     defaults: dict[str, Any]
+    lr: float = 2e-3  # recommended peak learning rate (AdamW), the --lr default for this model
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 ALIASES: dict[str, str] = {}
 
 
-def register(name: str, task: str, description: str, **defaults: Any) -> Callable:
-    """Decorator: register a model builder under a user-facing name. Duplicate names are an error."""
+def register(name: str, task: str, description: str, *, lr: float = 2e-3, **defaults: Any) -> Callable:
+    """Decorator: register a model builder under a user-facing name. Duplicate names are an error.
+
+    `lr` is the model's recommended peak learning rate (used when --lr is not given);
+    `defaults` are keyword arguments passed to the builder.
+    """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY or name in ALIASES:
             raise ValueError(f"model name {name!r} is registered twice")
-        _REGISTRY[name] = ModelSpec(name, task, fn, description, defaults)
+        _REGISTRY[name] = ModelSpec(name, task, fn, description, defaults, lr)
         return fn
 
     return deco
@@ -80,6 +85,25 @@ def model_task(name: str) -> str | None:
         return "text"
     spec = get_spec(name)
     return spec.task if spec else None
+
+
+HF_FINETUNE_LR = 5e-5  # the usual rate for fine-tuning a pretrained transformer
+HF_SMALL_LR = 5e-4  # small ALBERTs pretrained here (`duoclass pretrain`, the folder has pretrain.json)
+TIMM_LR = 2e-3
+
+
+def default_lr(name: str) -> float:
+    """The recommended peak learning rate of a model name: what an unset --lr becomes."""
+    if name.startswith("timm:"):
+        return TIMM_LR
+    if name.startswith("hf:"):
+        from pathlib import Path
+
+        return HF_SMALL_LR if (Path(name[len("hf:"):]) / "pretrain.json").is_file() else HF_FINETUNE_LR
+    spec = get_spec(name)
+    if spec is None:
+        raise unknown_model_error(name)
+    return spec.lr
 
 
 def unknown_model_error(name: str) -> DuoclassError:

@@ -137,7 +137,7 @@ for _size, _c in ALBERT_SIZES.items():
     register(
         f"albert-scratch-{_size}", "text",
         f"ALBERT trained from scratch with a tokenizer trained on your data; hidden {_c['hidden_size']}, "
-        f"{_c['num_hidden_layers']} layers",
+        f"{_c['num_hidden_layers']} layers", lr=1e-3,
     )(_albert_builder(_size))
 
 
@@ -172,7 +172,7 @@ class FastText(nn.Module):
         return self.fc(self.dropout(v))
 
 
-@register("fasttext", "text", "fastText-style baseline: hashed word + char n-gram embeddings, mean-pooled, linear")
+@register("fasttext", "text", "fastText-style baseline: hashed word + char n-gram embeddings, mean-pooled, linear", lr=1e-2)
 def build_fasttext(num_classes: int, buckets: int = DEFAULT_BUCKETS, dim: int = 64, pooling: str = "cls",
                    dropout: float = 0.1, **_: Any) -> FastText:
     return FastText(num_classes, buckets, dim, pooling, dropout)
