@@ -23,9 +23,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", required=True)
     p.add_argument("--runs", default="runs/bench")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="extra `duoclass train` flags after --")
-    a = p.parse_args()
-    extra = [x for x in a.train_args if x != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = p.parse_args(argv[:cut])
+    extra = argv[cut + 1 :]  # `duoclass train` flags after --
     name = Path(a.data).name
     rows = []
     for seed in a.seeds:

@@ -90,7 +90,7 @@ class TrainConfig:
     )
 
     # --- optimisation -------------------------------------------------------------------
-    epochs: int = _f(30, "number of passes over the training data")
+    epochs: int = _f(12, "number of passes over the training data")
     batch_size: int = _f(64, "examples per step (per process when distributed)")
     lr: Optional[float] = _f(
         None, "peak learning rate; default: the model's recommended rate (msresnet and timm: 2e-3, albert-scratch: 1e-3, "
