@@ -17,7 +17,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "text"  # ../shared/data/text seen from the repo root
@@ -76,6 +76,19 @@ def prepared_dataset(src: Path, work: Path, subsample: int, seed: int = 0) -> Pa
         h, r = read_rows(src / f"{split}.csv")
         write_rows(out / f"{split}.csv", h, r)
     return out
+
+
+def each_dataset(dirs: dict[str, Path], root: Path, subsample: int) -> Iterator[tuple[str, Path, Path, int]]:
+    """For each dataset: a fresh run folder, the (maybe subsampled) data, and its training-row count."""
+    import shutil
+
+    for name, src in dirs.items():
+        runs = root / name
+        shutil.rmtree(runs, ignore_errors=True)
+        data = prepared_dataset(src, root / "data", subsample)
+        n_train = len(read_rows(data / "train.csv")[1])
+        print(f"== {name}: {n_train} training rows ({data})", flush=True)
+        yield name, data, runs, n_train
 
 
 def run_cli(args: Sequence[str], log_file: Path) -> tuple[float, str]:

@@ -27,12 +27,11 @@ Writes benchmarks/results/text_chinese.json (or --out).
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import (DEFAULT_DATA, RESULTS, RUNS, dataset_dir, environment, last_json, prepared_dataset, read_rows,
+from bench_common import (DEFAULT_DATA, RESULTS, RUNS, dataset_dir, each_dataset, environment, last_json, read_rows,
                           run_cli, run_metrics, write_result)
 
 C_GRID = [0.3, 1.0, 3.0, 10.0, 30.0]
@@ -106,12 +105,7 @@ def main() -> None:
     root = RUNS / "text_chinese"
     result: dict[str, Any] = {"benchmark": "text_chinese", "args": vars(a), "environment": environment(), "datasets": {}}
     t_all = time.time()
-    for name, src in dirs.items():
-        runs = root / name
-        shutil.rmtree(runs, ignore_errors=True)
-        data = prepared_dataset(src, root / "data", a.subsample)
-        n_train = len(read_rows(data / "train.csv")[1])
-        print(f"== {name}: {n_train} training rows ({data})", flush=True)
+    for name, data, runs, n_train in each_dataset(dirs, root, a.subsample):
         res: dict[str, Any] = {"train_rows": n_train}
         for method in a.methods:
             if method == "tfidf-lr":

@@ -34,13 +34,12 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import (DEFAULT_DATA, RESULTS, RUNS, dataset_dir, environment, prepared_dataset, read_rows, run_cli,
+from bench_common import (DEFAULT_DATA, RESULTS, RUNS, dataset_dir, each_dataset, environment, read_rows, run_cli,
                           run_metrics, write_result)
 
 
@@ -139,12 +138,7 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "text_pretrained", "model": str(model_dir), "args": vars(a),
                               "environment": environment(), "datasets": {}}
     t_all = time.time()
-    for name, src in dirs.items():
-        runs = root / name
-        shutil.rmtree(runs, ignore_errors=True)
-        data = prepared_dataset(src, root / "data", a.subsample)
-        n_train = len(read_rows(data / "train.csv")[1])
-        print(f"== {name}: {n_train} training rows ({data})", flush=True)
+    for name, data, runs, n_train in each_dataset(dirs, root, a.subsample):
         res = {"train_rows": n_train, "duoclass": duoclass_run(data, model_dir, runs, a)}
         print(f"  duoclass  test accuracy {res['duoclass']['test_accuracy']:.4f}  ({res['duoclass']['seconds']:.1f} s)", flush=True)
         res["plain"] = plain_run(data, model_dir, a)

@@ -15,7 +15,7 @@ from duoclass.errors import DuoclassError
 from duoclass.text_augment import (TEXT_PRESETS, AugmentedTextDataset, EmbeddingNeighbours, TextAugment, TextAugmenter,
                                    back_translate, example_rng, join, resolve_text_augment, units)
 
-from .test_text import FAST, toy_rows, write_csv
+from .test_text import FAST, make_toy, toy_rows
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,11 +25,7 @@ ZH = "这家酒店很好服务不错房间干净"
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("aug") / "toy"
-    write_csv(root / "train.csv", toy_rows(120, "train", 0))
-    write_csv(root / "valid.csv", toy_rows(20, "valid", 1))
-    write_csv(root / "test.csv", toy_rows(20, "test", 2))
-    return root
+    return make_toy(tmp_path_factory.mktemp("aug") / "toy", 120, 20)
 
 
 class Fixed:

@@ -33,7 +33,7 @@ def infer_task(cfg: TrainConfig) -> str:
     if cfg.task != "auto":
         return cfg.task
     by_model = model_task(cfg.model)
-    if by_model is not None and cfg.model not in ("msresnet",) and not cfg.model.startswith("msresnet"):
+    if by_model is not None and not cfg.model.startswith("msresnet"):  # msresnet is also the untouched default
         return by_model
     p = Path(cfg.data)
     if p.is_dir():
@@ -125,7 +125,7 @@ def _check_early(cfg: TrainConfig) -> None:
         raise DuoclassError(
             f"{Path(cfg.resume) / 'state.pt'}: no training state to resume from; pass the --output folder of an earlier run"
         )
-    if infer_task(cfg) == "image" and not cfg.model.startswith("timm:") and get_spec(cfg.model) is None:
+    if cfg.task == "image" and not cfg.model.startswith("timm:") and get_spec(cfg.model) is None:
         raise unknown_model_error(cfg.model)
 
 

@@ -13,10 +13,9 @@ import io
 import logging
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +26,10 @@ from torch.utils.data import Dataset as TorchDataset
 from .data.clean import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from .data.sources import ByteReader, display
 from .errors import DuoclassError
+
+
+if TYPE_CHECKING:
+    from .data.splits import TaskData
 
 log = logging.getLogger("duoclass")
 
@@ -218,20 +221,6 @@ class ImageDataset(TorchDataset):
         return {"pixel_values": self.transform(x)}, self.labels[i]
 
 
-def decode_resized(refs: list[str], size: int, threads: int | None = None) -> list[torch.Tensor | None]:
-    """Decode and resize many files in parallel; None for a file that fails."""
-    reader = ByteReader()
-
-    def one(ref: str) -> torch.Tensor | None:
-        try:
-            return to_uint8_tensor(decode_image(reader(ref)), size)
-        except (BadImage, OSError):
-            return None
-
-    with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        return list(pool.map(one, refs, chunksize=64))
-
-
 def channel_stats(tensors: list[torch.Tensor], limit: int = 5000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] of (a sample of) uint8 images."""
     step = max(1, len(tensors) // limit)
@@ -261,7 +250,7 @@ def _auto_size(refs: list[str]) -> int:
 
 def prepare_images(cfg: Any) -> "TaskData":
     """Read, check, split and (when it fits) cache an image dataset for training."""
-    from .data.clean import Finding, mark_duplicates
+    from .data.clean import Finding, mark_duplicates, scan_refs
     from .data.sources import read_image_dataset
     from .data.splits import SkipCounter, TaskData, label_ids, stratified_split
 
@@ -281,30 +270,11 @@ def prepare_images(cfg: Any) -> "TaskData":
     size = cfg.image_size or _auto_size([r for r, _ in train_items])
 
     # Decode every file once: bad files are found here, good ones are kept (resized) in memory.
-    all_items = [("train", r, y) for r, y in train_items] + [("valid", r, y) for r, y in valid_items]
-    all_items += [("test", r, y) for r, y in test_items]
+    all_items = [(r, "train", y) for r, y in train_items] + [(r, "valid", y) for r, y in valid_items]
+    all_items += [(r, "test", y) for r, y in test_items]
     fits = len(all_items) * 3 * size * size <= CACHE_BYTES
-    reader = ByteReader()
-
-    def one(item: tuple[str, str, str]) -> tuple[Finding, str | None, torch.Tensor | None]:
-        import hashlib
-
-        split, ref, y = item
-        try:
-            data = reader(ref)
-        except OSError as e:
-            return Finding(display(ref), split, y, "bad", f"cannot read file ({e.strerror or e})"), None, None
-        try:
-            im = decode_image(data)
-        except BadImage as e:
-            return Finding(display(ref), split, y, "bad", str(e)), None, None
-        return Finding(display(ref), split, y, "ok", ""), hashlib.sha256(data).hexdigest(), (
-            to_uint8_tensor(im, size) if fits else None
-        )
-
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        results = list(pool.map(one, all_items, chunksize=32))
-    mark_duplicates([(f, d) for f, d, _ in results])
+    results = scan_refs(all_items, keep=(lambda im: to_uint8_tensor(im, size)) if fits else None)
+    mark_duplicates(results)
     dups = [f for f, _, _ in results if f.status == "duplicate"]
     if dups:
         cross = sum("leaks between splits" in f.reason for f in dups)
@@ -315,10 +285,10 @@ def prepare_images(cfg: Any) -> "TaskData":
     skipped += [Finding(display(r), "", "", "ignored", why) for r, why in ds.ignored]
 
     def build(split: str, transform: Any) -> ImageDataset | None:
-        rows = [(item, t) for item, (f, _, t) in zip(all_items, results) if item[0] == split and f.status != "bad"]
+        rows = [(item, t) for item, (f, _, t) in zip(all_items, results) if item[1] == split and f.status != "bad"]
         if not rows:
             return None
-        refs = [item[1] for item, _ in rows]
+        refs = [item[0] for item, _ in rows]
         labels = label_ids([item[2] for item, _ in rows], classes, f"{cfg.data} ({split} split, e.g. {display(refs[0])})")
         return ImageDataset(refs, labels, size, transform, [t for _, t in rows] if fits else None)
 

@@ -30,13 +30,17 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from .data.clean import Finding
 from .errors import DuoclassError
+
+
+if TYPE_CHECKING:
+    from .data.splits import TaskData
 
 log = logging.getLogger("duoclass")
 

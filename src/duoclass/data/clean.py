@@ -8,11 +8,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -104,34 +105,41 @@ class Finding:
 
 
 def scan_refs(
-    refs: Iterable[tuple[str, str, str]], max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 4
-) -> list[tuple[Finding, str | None]]:
-    """Decode every (ref, split, label) fully; return (finding, sha256 or None) in input order."""
+    refs: Iterable[tuple[str, str, str]],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    threads: int | None = None,
+    keep: Callable[[Image.Image], Any] | None = None,
+) -> list[tuple[Finding, str | None, Any]]:
+    """Decode every (ref, split, label) fully, once, in parallel.
+
+    Returns (finding, sha256 or None, keep(image) or None) in input order; `keep` lets the
+    caller hold on to what it needs of a good image (training keeps it resized in memory).
+    """
     reader = ByteReader()
 
-    def one(item: tuple[str, str, str]) -> tuple[Finding, str | None]:
+    def one(item: tuple[str, str, str]) -> tuple[Finding, str | None, Any]:
         ref, split, label = item
         try:
             data = reader(ref)
         except OSError as e:
-            return Finding(display(ref), split, label, "bad", f"cannot read file ({e.strerror or e})"), None
+            return Finding(display(ref), split, label, "bad", f"cannot read file ({e.strerror or e})"), None, None
         notes: list[str] = []
         digest = hashlib.sha256(data).hexdigest()
         try:
-            decode_image(data, max_pixels, notes)
+            im = decode_image(data, max_pixels, notes)
         except BadImage as e:
-            return Finding(display(ref), split, label, "bad", str(e)), digest
-        return Finding(display(ref), split, label, "converted" if notes else "ok", "; ".join(notes)), digest
+            return Finding(display(ref), split, label, "bad", str(e)), digest, None
+        finding = Finding(display(ref), split, label, "converted" if notes else "ok", "; ".join(notes))
+        return finding, digest, keep(im) if keep is not None else None
 
-    items = list(refs)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(one, items))
+    with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        return list(pool.map(one, list(refs), chunksize=32))
 
 
-def mark_duplicates(results: list[tuple[Finding, str | None]]) -> None:
+def mark_duplicates(results: list[tuple[Finding, str | None, Any]]) -> None:
     """Mark every later exact copy (same bytes) of a usable file as a duplicate of the first."""
     first: dict[str, Finding] = {}
-    for f, digest in results:
+    for f, digest, _ in results:
         if digest is None or f.status == "bad":
             continue
         if digest in first:
@@ -179,7 +187,7 @@ def clean(
     refs = [(ref, split, label) for split, items in ds.splits.items() for ref, label in items]
     results = scan_refs(refs, max_pixels)
     mark_duplicates(results)
-    findings = [f for f, _ in results]
+    findings = [f for f, _, _ in results]
     findings += [Finding(display(ref), "", Path(display(ref)).parent.name, "ignored", reason) for ref, reason in ds.ignored]
     moved = 0
     if quarantine is not None:

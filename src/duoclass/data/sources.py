@@ -7,7 +7,6 @@ data-loader workers never share a file handle.
 """
 from __future__ import annotations
 
-import csv
 import os
 import zipfile
 from dataclasses import dataclass, field
