@@ -9,7 +9,7 @@ For each dataset (default sms_spam and trec6):
 
   duoclass  `duoclass train DIR --model hf:MODEL_DIR --epochs E --lr 5e-5 --batch-size 32 --max-length 64`
             (its own defaults otherwise: warmup 1 epoch + cosine, label smoothing 0.1, weight decay 0.05,
-            sqrt class weights on imbalanced data, best epoch by valid f1_macro)
+            sqrt class weights on imbalanced data, best epoch by valid balanced accuracy)
   plain     AutoTokenizer + AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=N),
             AdamW (lr 5e-5, weight decay 0.01), linear warmup over 10% of the steps then linear decay,
             same epochs / batch size / max length, best epoch by valid accuracy, test accuracy of that epoch

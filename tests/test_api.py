@@ -41,6 +41,10 @@ def test_train_outputs(trained: duoclass.Classifier) -> None:
     assert summary["test"]["accuracy"] > 0.6
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    # the model folder is the epoch with the best valid balanced accuracy (the default --select-metric);
+    # on a tie the later epoch wins
+    scores = [float(r["valid_balanced_accuracy"]) for r in rows]
+    assert summary["best_epoch"] == max(range(1, 5), key=lambda e: (scores[e - 1], e))
 
 
 def test_model_folder_is_pickle_free(trained: duoclass.Classifier) -> None:
@@ -156,3 +160,21 @@ def test_real_xrays_subset(tmp_path: Path) -> None:
     clf = duoclass.train(tmp_path / "m.csv", output=str(tmp_path / "run"), **{**FAST, "image_size": None, "epochs": 1})
     assert clf.config_["preprocessing"]["image_size"] == 28  # small images train at native size
     assert clf.result_.test["n"] == 120
+
+
+def test_balanced_accuracy_and_selection_rule() -> None:
+    from duoclass.metrics import classification_metrics, select
+
+    # 3 of class a (2 right), 1 of class b (right), class c absent from the labels
+    probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.2, 0.8, 0.0], [0.1, 0.9, 0.0]])
+    m = classification_metrics(np.array([0, 0, 0, 1]), probs, ["a", "b", "c"])
+    assert m["accuracy"] == 0.75
+    assert abs(m["balanced_accuracy"] - (2 / 3 + 1) / 2) < 1e-12  # absent classes do not count
+    assert abs(m["recall_macro"] - (2 / 3 + 1 + 0) / 3) < 1e-12
+    assert select("balanced_accuracy", 0.9, None, 0) == (True, 0.9, 0)
+    assert select("balanced_accuracy", 0.95, 0.9, 3) == (True, 0.95, 0)
+    # a tie saves the later epoch but does not reset the early-stopping count
+    assert select("balanced_accuracy", 0.9, 0.9, 2) == (True, 0.9, 3)
+    assert select("balanced_accuracy", 0.8, 0.9, 2) == (False, 0.9, 3)
+    assert select("loss", 0.3, 0.4, 1) == (True, 0.3, 0)
+    assert select("loss", 0.5, 0.4, 1) == (False, 0.4, 2)

@@ -112,7 +112,11 @@ class TrainConfig:
     amp: bool = _f(True, "mixed precision on CUDA (ignored on CPU)")
 
     # --- evaluation and selection -------------------------------------------------------
-    select_metric: str = _f("f1_macro", "validation metric that picks the best checkpoint (accuracy, f1_macro, loss, ...)")
+    select_metric: str = _f(
+        "balanced_accuracy", "validation metric that picks the best checkpoint (balanced_accuracy, accuracy, f1_macro, "
+        "loss, ...); balanced accuracy (mean per-class recall) does not reward matching the valid split's class mix; "
+        "on a tie the later epoch wins"
+    )
     early_stopping: int = _f(0, "stop after this many epochs without improvement; 0 = off")
     top_k: int = _f(5, "k for top-k accuracy")
     tta: bool = _f(False, "test-time augmentation (average with the horizontally flipped input) at evaluation")

@@ -39,7 +39,7 @@ from .checkpoint import atomic_write_json, atomic_write_text, load_state, save_m
 from .config import TrainConfig
 from .data.splits import TaskData
 from .errors import DuoclassError
-from .metrics import classification_metrics, is_better
+from .metrics import classification_metrics, select
 from .models import count_params, create_model, resolve_name
 
 log = logging.getLogger("duoclass")
@@ -434,21 +434,20 @@ def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any
             vloader = make_loader(data.valid, cfg, data.collate, False, epoch, Dist(), 0)
             vm = evaluate(eval_model, vloader, device, data.classes, cfg.top_k, eval_loss, use_amp, cfg.tta)
             if cfg.select_metric not in vm or not isinstance(vm[cfg.select_metric], float):
-                raise DuoclassError(f"--select-metric: unknown metric {cfg.select_metric!r}; use accuracy, f1_macro, loss, ...")
+                raise DuoclassError(f"--select-metric: unknown metric {cfg.select_metric!r}; use balanced_accuracy, accuracy, f1_macro, loss, ...")
             score = vm[cfg.select_metric]
-            improved = is_better(cfg.select_metric, score, best)
+            improved, best, bad_epochs = select(cfg.select_metric, score, best, bad_epochs)
             if improved:
-                best, best_epoch, bad_epochs = score, epoch + 1, 0
+                best_epoch = epoch + 1
                 save_model_folder(model_dir, eval_model.state_dict(), model_config(cfg, data, model_name, model_args),
                                   metrics={"epoch": epoch + 1, "valid": vm}, extra_files=data.extra_files)
-            else:
-                bad_epochs += 1
             row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "lr": optimizer.param_groups[0]["lr"],
                    **{f"valid_{k}": v for k, v in vm.items() if isinstance(v, float)}, "seconds": round(time.time() - t0, 2)}
             history.append(row)
             log.info(
-                "epoch %d/%d  train_loss %.4f  valid_loss %.4f  valid_acc %.4f  valid_f1 %.4f%s  (%.1fs)",
+                "epoch %d/%d  train_loss %.4f  valid_loss %.4f  valid_acc %.4f  valid_f1 %.4f%s%s  (%.1fs)",
                 epoch + 1, cfg.epochs, train_loss, vm.get("loss", float("nan")), vm["accuracy"], vm["f1_macro"],
+                "" if cfg.select_metric in ("loss", "accuracy", "f1_macro") else f"  valid_{cfg.select_metric} {score:.4f}",
                 "  *best*" if improved else "", time.time() - t0,
             )
             if writer is not None:
@@ -528,7 +527,8 @@ def _finish(cfg: TrainConfig, data: TaskData, run_dir: Path, model_dir: Path, de
     plot_confusion(final["confusion_matrix"], data.classes, run_dir / "confusion_matrix.png",
                    title=f"{'test' if test else 'valid'} confusion matrix (accuracy {final['accuracy']:.4f})")
     plot_curves(history, run_dir / "curves.png")
-    log.info("best epoch %d: valid accuracy %.4f, f1_macro %.4f", best_epoch, valid["accuracy"], valid["f1_macro"])
+    log.info("best epoch %d (by valid %s): valid accuracy %.4f, balanced accuracy %.4f, f1_macro %.4f", best_epoch,
+             cfg.select_metric, valid["accuracy"], valid["balanced_accuracy"], valid["f1_macro"])
     if test is not None:
         log.info("test accuracy %.4f, f1_macro %.4f, f1_weighted %.4f", test["accuracy"], test["f1_macro"], test["f1_weighted"])
     if skipped or ignored:

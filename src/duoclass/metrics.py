@@ -9,7 +9,12 @@ import numpy as np
 def classification_metrics(
     y_true: np.ndarray, probs: np.ndarray, classes: list[str], top_k: int = 5, loss: float | None = None
 ) -> dict[str, Any]:
-    """Accuracy; macro/weighted precision, recall, F1; per-class scores; confusion matrix; top-k accuracy.
+    """Accuracy, balanced accuracy; macro/weighted precision, recall, F1; per-class scores; confusion matrix;
+    top-k accuracy.
+
+    Balanced accuracy is the mean recall over the classes present in y_true. Unlike accuracy and
+    F1 it does not depend on the class mix, so it ranks models the same way on data whose class
+    proportions differ from the training data's.
 
     y_true: (N,) int class ids; probs: (N, C) probabilities.
     """
@@ -28,6 +33,8 @@ def classification_metrics(
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
         out[f"precision_{avg}"], out[f"recall_{avg}"], out[f"f1_{avg}"] = float(p), float(r), float(f)
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    present = s > 0
+    out["balanced_accuracy"] = float(r[present].mean()) if present.any() else 0.0
     out["per_class"] = {
         c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
         for i, c in enumerate(classes)
@@ -48,3 +55,14 @@ def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
     return new < best if not HIGHER_IS_BETTER.get(metric, True) else new > best
+
+
+def select(metric: str, score: float, best: float | None, bad_epochs: int) -> tuple[bool, float | None, int]:
+    """One epoch's checkpoint decision: (save this epoch as the best model, new best score, epochs without improvement).
+
+    A tie with the best score saves the later epoch (it has trained longer, at a lower learning
+    rate on decaying schedules) but does not count as an improvement for early stopping.
+    """
+    if is_better(metric, score, best):
+        return True, score, 0
+    return score == best, best, bad_epochs + 1
