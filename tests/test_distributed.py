@@ -21,3 +21,16 @@ def test_two_processes_match_one(digits: Path, tmp_path: Path) -> None:
     # same global batch (2 x 32 = 64) and schedule: equal quality within seed noise
     assert a1 > 0.8 and a2 > 0.8, (a1, a2)
     assert abs(a1 - a2) < 0.05, (a1, a2)
+
+
+def test_text_two_processes_with_length_buckets(tmp_path: Path) -> None:
+    from .test_text import make_toy
+
+    data = make_toy(tmp_path / "toy", 320, 40)
+    r = run_cli("train", str(data), "--model", "fasttext", "--epochs", "4", "--batch-size", "16", "--nproc", "2",
+                "--device", "cpu", "--workers", "0", "--no-progress", "--no-tensorboard", "--output", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 processes" in r.stderr
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 5  # header + 4 epochs
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["accuracy"] >= 0.8  # chance is 0.5

@@ -256,3 +256,38 @@ def test_offline_hub_model_is_one_clear_error(toy: Path, tmp_path: Path, monkeyp
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no-hub"))
     with pytest.raises(DuoclassError, match="albert-scratch-tiny"):
         load_hf_tokenizer("albert-base-v2")
+
+
+def test_length_bucketed_batches() -> None:
+    from duoclass.config import TrainConfig
+    from duoclass.engine import BucketBatchSampler, Dist, make_loader
+    from duoclass.text import TextDataset
+
+    rnd = random.Random(0)
+    lengths = [rnd.randint(1, 200) for _ in range(1003)]
+
+    def batches(seed: int, drop_last: bool = False, rank: int = 0, world: int = 1, pool: int = 5) -> list[list[int]]:
+        return list(BucketBatchSampler(lengths, 32, torch.Generator().manual_seed(seed), drop_last, rank, world, pool))
+
+    b = batches(0)
+    assert sorted(i for x in b for i in x) == list(range(1003))  # every example once, nothing lost
+    assert len(b) == len(BucketBatchSampler(lengths, 32, torch.Generator(), False)) == 32
+    assert sum(len(x) < 32 for x in b) == 1  # only one short batch
+    assert b == batches(0) and b != batches(1)  # the order depends only on the generator's seed
+    dropped = batches(0, drop_last=True)
+    assert len(dropped) == 31 and all(len(x) == 32 for x in dropped)
+
+    def padded(bs: list[list[int]]) -> int:
+        return sum(len(x) * max(lengths[i] for i in x) for x in bs)
+
+    plain = [list(range(i, min(i + 32, 1003))) for i in range(0, 1003, 32)]  # the data is already in random order
+    assert padded(b) < 0.7 * padded(plain)  # buckets cut the padded tokens by far more than noise would
+    # two processes: disjoint shards of equal size
+    r0, r1 = batches(0, True, 0, 2), batches(0, True, 1, 2)
+    assert len(r0) == len(r1) == 15 and not set(map(tuple, r0)) & set(map(tuple, r1))
+
+    ds = TextDataset([[1] * n for n in lengths], [0] * len(lengths))
+    on = make_loader(ds, TrainConfig(data="x"), list, True, 0, Dist(), 0)
+    off = make_loader(ds, TrainConfig(data="x", length_buckets=False), list, True, 0, Dist(), 0)
+    assert isinstance(on.batch_sampler, BucketBatchSampler) and not isinstance(off.batch_sampler, BucketBatchSampler)
+    assert len(on) == len(off) == 1003 // 64

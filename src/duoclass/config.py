@@ -46,6 +46,10 @@ class TrainConfig:
     label_column: str = _f("label", "column holding the label (text CSVs and image manifests)")
     path_column: str = _f("path", "image CSV manifest: column holding the image path")
     max_length: int = _f(128, "text task: maximum tokens per example")
+    length_buckets: bool = _f(
+        True, "text task: shuffle, then batch examples of similar length together so batches carry little padding "
+        "(--no-length-buckets: plain shuffling)"
+    )
     lowercase: bool = _f(True, "text task: lowercase text for tokenizers trained on the data and for fasttext n-grams "
                                "(pretrained tokenizers keep their own setting)")
     vocab_size: int = _f(8000, "text task: vocabulary size of a tokenizer trained on the data (albert-scratch-*)")

@@ -353,6 +353,10 @@ class TextDataset(TorchDataset):
     def __getitem__(self, i: int) -> tuple[list[int], int]:
         return self.cache[i], self.labels[i]
 
+    def lengths(self) -> list[int]:
+        """Tokens per example, for length-bucketed batches."""
+        return [len(x) for x in self.cache]
+
 
 class LabelledCollate:
     """Engine collate: [(ids, label), ...] -> (padded inputs, labels)."""

@@ -356,6 +356,10 @@ class AugmentedTextDataset:
         self.seed, self.cache, self.back = seed, cache, back_translations
         self.epoch = 0
 
+    def lengths(self) -> list[int]:
+        """Tokens per unaugmented example (augmented ones are close), for length-bucketed batches."""
+        return [len(x) for x in self.cache]
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
