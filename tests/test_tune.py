@@ -49,6 +49,9 @@ def test_text_study_prunes_writes_best_yaml_and_resumes(toy: Path, tmp_path: Pat
     study = optuna.load_study(study_name="duoclass", storage=f"sqlite:///{study_dir / 'study.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     assert list(study.trials[1].intermediate_values) == [1]  # reported once, then stopped
+    # the first trial of a new study is the settings as given (here fasttext's defaults)
+    assert study.trials[0].params == pytest.approx(
+        {"lr": 1e-2, "batch_size": 64, "weight_decay": 0.05, "label_smoothing": 0.1, "max_length": 128})
     # the pruned trial's run ended after its first epoch, its files complete
     rows = list(csv.DictReader((study_dir / "trial-1" / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1"] and (study_dir / "trial-1" / "state.pt").is_file()
@@ -90,6 +93,8 @@ def test_cli_flags_are_fixed(toy: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert "lr" not in summary["best_params"] and "batch_size" not in summary["best_params"]
     saved = yaml.safe_load((study_dir / "best.yaml").read_text())
     assert saved["lr"] == 0.02 and saved["batch_size"] == 32 and saved["epochs"] == 1
+    # fixed flags are not searched, so the first trial holds only the searched settings at their defaults
+    assert summary["best_params"] == pytest.approx({"weight_decay": 0.05, "label_smoothing": 0.1, "max_length": 128})
     assert "weight_decay" in saved and "output" in saved
 
     with pytest.raises(SystemExit) as e:  # trials write to --study-dir; tune has no --output

@@ -75,6 +75,25 @@ def suggest(trial: Any, cfg: TrainConfig, fixed: set[str]) -> dict[str, Any]:
     return params
 
 
+def starting_point(cfg: TrainConfig, fixed: set[str]) -> dict[str, Any]:
+    """The run's own settings (defaults plus the user's flags) as a point of the search space, for the first trial."""
+    from .models import default_lr
+
+    lr0 = default_lr(cfg.model)
+    point: dict[str, Any] = {}
+    if "lr" not in fixed and cfg.lr is not None and lr0 / 10 <= cfg.lr <= lr0 * 10:
+        point["lr"] = cfg.lr
+    if "batch_size" not in fixed and cfg.batch_size in BATCH_SIZES:
+        point["batch_size"] = cfg.batch_size
+    if "weight_decay" not in fixed and 0.0 <= cfg.weight_decay <= 0.1:
+        point["weight_decay"] = cfg.weight_decay
+    if "label_smoothing" not in fixed and 0.0 <= cfg.label_smoothing <= 0.2:
+        point["label_smoothing"] = cfg.label_smoothing
+    if cfg.task == "text" and "max_length" not in fixed and cfg.max_length in MAX_LENGTHS:
+        point["max_length"] = cfg.max_length
+    return point
+
+
 def changed_settings(cfg: TrainConfig) -> set[str]:
     """Names of the settings that differ from TrainConfig's defaults (the Python API's fixed flags)."""
     return {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != f.default}
@@ -122,6 +141,10 @@ def tune(config: TrainConfig, trials: int, study_dir: str | Path = "runs/tune", 
     elif previous != base.data or study.user_attrs.get("select_metric") != metric:
         log.warning("%s: the study was started on %s (%s); now %s (%s): its trials are not comparable",
                     root / "study.db", previous, study.user_attrs.get("select_metric"), base.data, metric)
+    if not study.trials:
+        # The first trial of a new study runs the settings as given, so the best found is never worse on
+        # valid than not tuning at all.
+        study.enqueue_trial(starting_point(base, fixed))
     # Seeded by --seed and the trials so far, so a resumed study does not repeat its first suggestions.
     study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
     study.pruner = pruner if pruner is not None else default_pruner()
