@@ -27,7 +27,7 @@ def test_text_two_processes_with_length_buckets(tmp_path: Path) -> None:
     from .test_text import make_toy
 
     data = make_toy(tmp_path / "toy", 320, 40)
-    r = run_cli("train", str(data), "--model", "fasttext", "--epochs", "4", "--batch-size", "16", "--nproc", "2",
+    r = run_cli("train", str(data), "--model", "albert-scratch-tiny", "--epochs", "4", "--batch-size", "16", "--nproc", "2",
                 "--device", "cpu", "--workers", "0", "--no-progress", "--no-tensorboard", "--output", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 processes" in r.stderr

@@ -287,7 +287,19 @@ def test_length_bucketed_batches() -> None:
     assert len(r0) == len(r1) == 15 and not set(map(tuple, r0)) & set(map(tuple, r1))
 
     ds = TextDataset([[1] * n for n in lengths], [0] * len(lengths))
+    assert not isinstance(make_loader(ds, TrainConfig(data="x"), list, True, 0, Dist(), 0).batch_sampler, BucketBatchSampler)
+    ds.bucket = True  # what prepare_text sets for transformer models
     on = make_loader(ds, TrainConfig(data="x"), list, True, 0, Dist(), 0)
     off = make_loader(ds, TrainConfig(data="x", length_buckets=False), list, True, 0, Dist(), 0)
     assert isinstance(on.batch_sampler, BucketBatchSampler) and not isinstance(off.batch_sampler, BucketBatchSampler)
     assert len(on) == len(off) == 1003 // 64
+
+
+def test_only_transformers_get_length_buckets(toy: Path) -> None:
+    from duoclass import api
+    from duoclass.config import TrainConfig
+
+    def bucketed(model: str) -> bool:
+        return api.prepare(api.resolve_settings(TrainConfig(data=str(toy), model=model))).train.bucket
+
+    assert bucketed("albert-scratch-tiny") and not bucketed("fasttext")

@@ -47,8 +47,8 @@ class TrainConfig:
     path_column: str = _f("path", "image CSV manifest: column holding the image path")
     max_length: int = _f(128, "text task: maximum tokens per example")
     length_buckets: bool = _f(
-        True, "text task: shuffle, then batch examples of similar length together so batches carry little padding "
-        "(--no-length-buckets: plain shuffling)"
+        True, "text task, transformer models: shuffle, then batch examples of similar length together so batches "
+        "carry little padding (--no-length-buckets: plain shuffling; fasttext always shuffles plainly)"
     )
     lowercase: bool = _f(True, "text task: lowercase text for tokenizers trained on the data and for fasttext n-grams "
                                "(pretrained tokenizers keep their own setting)")

@@ -352,7 +352,7 @@ def make_loader(ds: Any, cfg: TrainConfig, collate: Callable, shuffle: bool, epo
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # data order depends only on (seed, epoch)
     drop_last = shuffle and len(ds) > cfg.batch_size * d.world
     common = dict(collate_fn=collate, num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
-    if shuffle and cfg.length_buckets and hasattr(ds, "lengths"):  # text: batch similar lengths together
+    if shuffle and cfg.length_buckets and getattr(ds, "bucket", False):  # transformers: batch similar lengths together
         bs = BucketBatchSampler(ds.lengths(), cfg.batch_size, g, drop_last, d.rank, d.world)
         return DataLoader(ds, batch_sampler=bs, **common)
     if d.world > 1 and shuffle:

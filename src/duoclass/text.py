@@ -433,6 +433,10 @@ def prepare_text(cfg: Any) -> "TaskData":
 
     train_ds, valid_ds, test_ds = build("train"), build("valid"), build("test")
     train_ds = augmented_training_set(cfg, [r.text for r in train], train_ds, pre, notes)  # type: ignore[arg-type]
+    # Length buckets pay off for transformers, whose cost grows with the padded length. A bag of
+    # n-grams gains little, and on small data whose length tracks the label (long texts = spam)
+    # length-sorted batches of one class hurt it (measured: SMS spam slice, macro F1 0.92 -> 0.76).
+    train_ds.bucket = pre.kind == "hf"  # type: ignore[union-attr]
     if valid_ds is None:
         raise DuoclassError(f"{cfg.data}: the valid split is empty; add rows to it or remove the file")
     lengths = sorted(len(x) for x in train_ds.cache)  # type: ignore[union-attr]
