@@ -439,7 +439,7 @@ def prepare_text(cfg: Any) -> "TaskData":
     train_ds.bucket = pre.kind == "hf"  # type: ignore[union-attr]
     if valid_ds is None:
         raise DuoclassError(f"{cfg.data}: the valid split is empty; add rows to it or remove the file")
-    lengths = sorted(len(x) for x in train_ds.cache)  # type: ignore[union-attr]
+    lengths = sorted(train_ds.lengths())  # type: ignore[union-attr]
     truncated = sum(n >= pre.max_length for n in lengths) if pre.kind == "hf" else 0
     notes.append(f"text: {pre.kind} ({pre.source or 'hashed n-grams'}), median {lengths[len(lengths) // 2]} tokens"
                  + (f", {truncated} training texts truncated to --max-length {pre.max_length}" if truncated else ""))

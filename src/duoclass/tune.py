@@ -56,41 +56,35 @@ def default_pruner() -> Any:
     return _optuna().pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
 
 
-def suggest(trial: Any, cfg: TrainConfig, fixed: set[str]) -> dict[str, Any]:
-    """The settings a trial changes: the search space minus the fixed flags."""
-    from .models import default_lr
-
-    params: dict[str, Any] = {}
-    if "lr" not in fixed:
-        lr0 = default_lr(cfg.model)
-        params["lr"] = trial.suggest_float("lr", lr0 / 10, lr0 * 10, log=True)
-    if "batch_size" not in fixed:
-        params["batch_size"] = trial.suggest_categorical("batch_size", BATCH_SIZES)
-    if "weight_decay" not in fixed:
-        params["weight_decay"] = trial.suggest_float("weight_decay", 0.0, 0.1)
-    if "label_smoothing" not in fixed:
-        params["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, 0.2)
-    if cfg.task == "text" and "max_length" not in fixed:
-        params["max_length"] = trial.suggest_categorical("max_length", MAX_LENGTHS)
-    return params
-
-
-def starting_point(cfg: TrainConfig, fixed: set[str]) -> dict[str, Any]:
-    """The run's own settings (defaults plus the user's flags) as a point of the search space, for the first trial."""
+def search_space(cfg: TrainConfig, fixed: set[str]) -> dict[str, tuple]:
+    """The searched settings, minus the fixed flags: name -> ("float", low, high, log) or ("choice", options)."""
     from .models import default_lr
 
     lr0 = default_lr(cfg.model)
+    space: dict[str, tuple] = {
+        "lr": ("float", lr0 / 10, lr0 * 10, True),
+        "batch_size": ("choice", BATCH_SIZES),
+        "weight_decay": ("float", 0.0, 0.1, False),
+        "label_smoothing": ("float", 0.0, 0.2, False),
+    }
+    if cfg.task == "text":
+        space["max_length"] = ("choice", MAX_LENGTHS)
+    return {k: v for k, v in space.items() if k not in fixed}
+
+
+def suggest(trial: Any, cfg: TrainConfig, fixed: set[str]) -> dict[str, Any]:
+    """The settings a trial changes: the search space minus the fixed flags."""
+    return {name: trial.suggest_float(name, d[1], d[2], log=d[3]) if d[0] == "float"
+            else trial.suggest_categorical(name, d[1]) for name, d in search_space(cfg, fixed).items()}
+
+
+def starting_point(cfg: TrainConfig, fixed: set[str]) -> dict[str, Any]:
+    """The run's own settings (defaults plus the user's flags) that lie in the search space, for the first trial."""
     point: dict[str, Any] = {}
-    if "lr" not in fixed and cfg.lr is not None and lr0 / 10 <= cfg.lr <= lr0 * 10:
-        point["lr"] = cfg.lr
-    if "batch_size" not in fixed and cfg.batch_size in BATCH_SIZES:
-        point["batch_size"] = cfg.batch_size
-    if "weight_decay" not in fixed and 0.0 <= cfg.weight_decay <= 0.1:
-        point["weight_decay"] = cfg.weight_decay
-    if "label_smoothing" not in fixed and 0.0 <= cfg.label_smoothing <= 0.2:
-        point["label_smoothing"] = cfg.label_smoothing
-    if cfg.task == "text" and "max_length" not in fixed and cfg.max_length in MAX_LENGTHS:
-        point["max_length"] = cfg.max_length
+    for name, d in search_space(cfg, fixed).items():
+        value = getattr(cfg, name)
+        if value is not None and (d[1] <= value <= d[2] if d[0] == "float" else value in d[1]):
+            point[name] = value
     return point
 
 
