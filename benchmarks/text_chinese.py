@@ -1,26 +1,29 @@
-"""Chinese text classification: TF-IDF + logistic regression vs duoclass fasttext vs ALBERT pretrained here.
+"""Chinese text classification: TF-IDF + logistic regression vs duoclass tfidf-mlp, fasttext and an ALBERT pretrained here.
 
 For each dataset (default thucnews_titles and chnsenticorp_htl), in one run:
 
   tfidf-lr        char 1-2 and 1-3 gram TF-IDF + LogisticRegression; n-gram range and C picked on
                   valid accuracy, refit-free (the chosen model is the one trained on train)
+  tfidf-mlp       `duoclass train DIR --model tfidf-mlp --seed S` with its default settings, for each
+                  of --mlp-seeds (default 0 1 2): mean, std and every seed
   fasttext        `duoclass train DIR --model fasttext --epochs E`
   albert-pretrain `duoclass pretrain DIR/train.csv --max-steps S` (MLM from scratch on the training
                   texts only: a character tokenizer + albert-scratch-tiny), then
                   `duoclass train DIR --model PRETRAIN_DIR --epochs E2` (lr 5e-4, the pretrain-folder default)
 
 and reports test accuracy and wall time (process start to exit for the CLI runs, so the
-~3 s import of torch/transformers is included). One seed (0): a first look, not a
-mean ± std claim. Run folders go to runs/bench/text_chinese/ (git-ignored).
+~3 s import of torch/transformers is included). fasttext and ALBERT run one seed (0): a
+first look, not a mean ± std claim. Run folders go to runs/bench/text_chinese/ (git-ignored).
 
-Full run (about 20 minutes on 2 CPU cores):
+Full run (about 40 minutes on 2 CPU cores):
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/text_chinese.py
 
 Quick check (a minute or two):
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/text_chinese.py \
-        --subsample 200 --epochs 1 --albert-epochs 1 --pretrain-steps 10 --out benchmarks/results/text_chinese_tiny.json
+        --subsample 200 --epochs 1 --albert-epochs 1 --mlp-epochs 1 --mlp-seeds 0 --pretrain-steps 10 \
+        --out benchmarks/results/text_chinese_tiny.json
 
 Writes benchmarks/results/text_chinese.json (or --out).
 """
@@ -31,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import (DEFAULT_DATA, RESULTS, RUNS, dataset_dir, each_dataset, environment, last_json, read_rows,
-                          run_cli, run_metrics, write_result)
+from bench_common import (DEFAULT_DATA, RESULTS, RUNS, dataset_dir, each_dataset, environment, last_json, mean_std,
+                          read_rows, run_cli, run_metrics, write_result)
 
 C_GRID = [0.3, 1.0, 3.0, 10.0, 30.0]
 NGRAMS = [(1, 2), (1, 3)]
@@ -63,6 +66,20 @@ def tfidf_lr(data: Path) -> dict[str, Any]:
             "seconds": round(time.time() - t0, 1), "grid": grid}
 
 
+def tfidf_mlp(data: Path, runs: Path, seeds: list[int], epochs: int) -> dict[str, Any]:
+    per_seed, wall = [], 0.0
+    for seed in seeds:
+        out = runs / f"tfidf-mlp-seed{seed}"
+        cmd = ["train", data, "--model", "tfidf-mlp", "--seed", seed, "--output", out, "--no-progress", "--no-tensorboard"]
+        w, _ = run_cli(cmd + (["--epochs", epochs] if epochs else []), runs / f"tfidf-mlp-seed{seed}.log")
+        per_seed.append({**run_metrics(out), "seed": seed, "seconds": round(w, 1)})
+        wall += w
+    acc = mean_std([r["test_accuracy"] for r in per_seed])
+    return {"test_accuracy": acc["mean"], "test_accuracy_std": acc["std"],
+            "seeds": per_seed, "epochs": epochs or "default (12)", "seconds": round(wall / len(seeds), 1),
+            "seconds_note": "mean per seed"}
+
+
 def fasttext(data: Path, runs: Path, epochs: int) -> dict[str, Any]:
     out = runs / "fasttext"
     wall, _ = run_cli(["train", data, "--model", "fasttext", "--epochs", epochs, "--seed", 0, "--output", out,
@@ -90,14 +107,16 @@ def main() -> None:
     p.add_argument("--data-root", default=str(DEFAULT_DATA), help="folder holding the dataset folders")
     p.add_argument("--subsample", type=int, default=0, help="use only N training rows (stratified, seed 0); 0 = all")
     p.add_argument("--epochs", type=int, default=5, help="fasttext epochs")
+    p.add_argument("--mlp-seeds", type=int, nargs="+", default=[0, 1, 2], help="tfidf-mlp seeds")
+    p.add_argument("--mlp-epochs", type=int, default=0, help="tfidf-mlp epochs; 0 = duoclass's default")
     p.add_argument("--albert-epochs", type=int, default=5, help="fine-tuning epochs of the pretrained ALBERT")
     p.add_argument("--pretrain-steps", type=int, default=1000, help="MLM optimizer steps per dataset")
     p.add_argument("--pretrain-batch-size", type=int, default=32)
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--pretrain-model", default="albert-scratch-tiny", choices=["albert-scratch-tiny", "albert-scratch-small"])
     p.add_argument("--max-length", type=int, default=64, help="tokens (characters) per text, pretraining and fine-tuning")
-    p.add_argument("--methods", nargs="+", default=["tfidf-lr", "fasttext", "albert-pretrain"],
-                   choices=["tfidf-lr", "fasttext", "albert-pretrain"])
+    p.add_argument("--methods", nargs="+", default=["tfidf-lr", "tfidf-mlp", "fasttext", "albert-pretrain"],
+                   choices=["tfidf-lr", "tfidf-mlp", "fasttext", "albert-pretrain"])
     p.add_argument("--out", default=str(RESULTS / "text_chinese.json"))
     a = p.parse_args()
 
@@ -110,6 +129,8 @@ def main() -> None:
         for method in a.methods:
             if method == "tfidf-lr":
                 res[method] = tfidf_lr(data)
+            elif method == "tfidf-mlp":
+                res[method] = tfidf_mlp(data, runs, a.mlp_seeds, a.mlp_epochs)
             elif method == "fasttext":
                 res[method] = fasttext(data, runs, a.epochs)
             else:

@@ -74,14 +74,21 @@ def albert(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> duoclass.Clas
 @pytest.mark.parametrize("name", TEXT_MODELS)
 def test_text_model_contract(name: str, pooling: str) -> None:
     """Every text model: dict of input_ids/attention_mask in, (B, C) logits out; padding does not change them."""
-    args = {"vocab_size": 120} if name.startswith("albert") else {"buckets": 1000}
+    args = {"vocab_size": 120} if name.startswith(("albert", "tfidf")) else {"buckets": 1000}
+    if name == "tfidf-mlp" and pooling == "attention":  # a bag of n-grams has no token states to pool
+        with pytest.raises(DuoclassError, match="--pooling attention: tfidf-mlp"):
+            create_model(name, num_classes=3, pooling=pooling, **args)
+        return
     m = create_model(name, num_classes=3, pooling=pooling, **args).eval()
     ids = torch.tensor([[2, 17, 18, 19, 3], [2, 20, 3, 0, 0]])
     mask = (ids != 0).long()
-    out = m({"input_ids": ids, "attention_mask": mask})
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if name == "tfidf-mlp":  # its preprocessor adds TF-IDF weights, 0 on padding
+        batch["weights"] = torch.tensor([[0.5, 0.5, 0.5, 0.3, 0.4], [0.6, 0.8, 0.2, 0.0, 0.0]])
+    out = m(batch)
     assert out.shape == (2, 3) and torch.isfinite(out).all()
     # the second example alone (no padding) gives the same logits: the mask is honoured
-    alone = m({"input_ids": ids[1:, :3], "attention_mask": mask[1:, :3]})
+    alone = m({k: v[1:, :3] for k, v in batch.items()})
     assert torch.allclose(out[1], alone[0], atol=1e-4)
     # rebuilding from the same args gives the same state dict keys and shapes (model folders rely on it)
     again = create_model(name, num_classes=3, pooling=pooling, **args)
@@ -141,6 +148,58 @@ def test_fasttext_learns_toy_task(toy: Path, tmp_path: Path) -> None:
     clf = duoclass.train(toy, model="fasttext", epochs=4, lr=1e-2, output=str(tmp_path / "ft"), **FAST)
     assert clf.result_.test["accuracy"] >= 0.8  # chance is 0.5
     assert clf.predict(["wonderful acting", "horrible movie"]) == ["pos", "neg"]
+
+
+def test_tfidf_weights_match_scikit_learn() -> None:
+    """ngram-vocab batches carry scikit-learn's sublinear, smoothed-IDF, L2-normalised TF-IDF of our n-grams."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from duoclass.text import TextPreprocessor, build_ngram_vocab, ngram_features
+
+    texts = [r[1] for r in toy_rows(40, "v", 5)] + ["这家酒店很好，很好，服务不错", "房间太小了"]
+    ngrams = build_ngram_vocab(texts)
+    assert ngrams["min_df"] == 1  # tiny data: fewer than 1000 n-grams occur twice, so all of them count
+    pre = TextPreprocessor("ngram-vocab", ngrams=ngrams)
+    vec = TfidfVectorizer(analyzer=ngram_features, sublinear_tf=True, lowercase=False)
+    ref = vec.fit_transform(texts).toarray()
+    col = vec.vocabulary_
+    batch = pre.collate(pre.encode(texts[-3:]))
+    assert set(batch) == {"input_ids", "attention_mask", "weights"}
+    for row, (ids, w) in enumerate(zip(batch["input_ids"], batch["weights"])):
+        got = {ngrams["features"][i - 1]: float(x) for i, x in zip(ids.tolist(), w.tolist()) if i}
+        want = {f: float(ref[len(texts) - 3 + row, j]) for f, j in col.items() if ref[len(texts) - 3 + row, j]}
+        assert got.keys() == want.keys()
+        assert all(abs(got[f] - want[f]) < 1e-5 for f in want)
+    # an unseen text: no known n-gram, an all-zero row, and the model still answers
+    empty = pre.collate(pre.encode(["qqqq zzzz"]))
+    assert empty["weights"].abs().sum() == 0
+
+
+def test_tfidf_mlp_train_folder_load(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    clf = duoclass.train(toy, model="tfidf-mlp", epochs=4, output=str(tmp_path / "tm"), **FAST)
+    assert clf.result_.test["accuracy"] >= 0.8  # chance is 0.5
+    folder = Path(clf.result_.model_dir)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["preprocessing"]["tokenizer"] == "ngram-vocab" and "ngrams.json" in cfg["files"]
+    assert cfg["model"]["args"]["dropout"] == 0.5  # the model's own default when --dropout is not given
+    assert "dropout: 0.5" in (tmp_path / "tm" / "config.yaml").read_text()
+    again = duoclass.load(folder, device="cpu")
+    texts = ["wonderful acting", "horrible movie", "qqqq unseen words"]
+    assert abs(again.predict_proba(texts) - clf.predict_proba(texts)).max() < 1e-6
+    assert again.predict(texts[:2]) == ["pos", "neg"]
+    # the vocabulary is part of the model (hashed with the weights): a changed ngrams.json is a clear error
+    (folder / "ngrams.json").write_text("{}", encoding="utf-8")
+    line = _error_line(capsys, ["predict", str(folder), str(toy / "test.csv"), "--output", str(tmp_path / "o.csv")])
+    assert "ngrams.json" in line and "copy the model folder again" in line
+
+
+def test_dropout_default_per_model() -> None:
+    from duoclass.api import resolve_settings
+    from duoclass.config import TrainConfig
+
+    assert resolve_settings(TrainConfig(data="x", task="text", model="tfidf-mlp")).dropout == 0.5
+    assert resolve_settings(TrainConfig(data="x", task="text", model="fasttext")).dropout == 0.1
+    assert resolve_settings(TrainConfig(data="x", task="text", model="tfidf-mlp", dropout=0.2)).dropout == 0.2
 
 
 def test_attention_pooling_trains(toy: Path, tmp_path: Path) -> None:

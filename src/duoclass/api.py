@@ -60,9 +60,9 @@ def resolve_settings(cfg: TrainConfig) -> TrainConfig:
 
     A Hugging Face folder as --model means hf:FOLDER; text data with the image default model
     (msresnet) gets hf:albert-base-v2; hf: models start from their own weights; an unset
-    learning rate becomes the model's recommended one (models.default_lr).
+    learning rate and dropout become the model's recommended ones (models.default_lr, default_dropout).
     """
-    from .models import default_lr, model_task
+    from .models import default_dropout, default_lr, model_task
     from .models.text_models import is_hf_folder
 
     if not cfg.model.startswith(("hf:", "timm:")) and is_hf_folder(cfg.model):
@@ -78,7 +78,8 @@ def resolve_settings(cfg: TrainConfig) -> TrainConfig:
     if model.startswith("hf:") and pretrained is None:
         pretrained = model[len("hf:"):]
     lr = cfg.lr if cfg.lr is not None else default_lr(model)
-    return dataclasses.replace(cfg, task=task, model=model, pretrained=pretrained, lr=lr)
+    dropout = cfg.dropout if cfg.dropout is not None else default_dropout(model)
+    return dataclasses.replace(cfg, task=task, model=model, pretrained=pretrained, lr=lr, dropout=dropout)
 
 
 def prepare(cfg: TrainConfig) -> TaskData:

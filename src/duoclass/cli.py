@@ -189,7 +189,7 @@ def cmd_models(ns: argparse.Namespace) -> int:
     print("timm:<name>          any timm image model (list them with `duoclass models --timm 'resnet*'`); params at 1000 classes")
     print("hf:<id-or-folder>    any Hugging Face text model (AutoModelForSequenceClassification); a local HF folder "
           "works as --model DIR; the text default is hf:albert-base-v2")
-    print("image params at 1000 classes; text params at 2 classes and the default vocabulary (8,000) or hash buckets")
+    print("image params at 1000 classes; text params at 2 classes and the default vocabulary (8,000 tokens; 50,000 n-grams for tfidf-mlp) or hash buckets")
     return 0
 
 

@@ -48,7 +48,7 @@ class TrainConfig:
     max_length: int = _f(128, "text task: maximum tokens per example")
     length_buckets: bool = _f(
         True, "text task, transformer models: shuffle, then batch examples of similar length together so batches "
-        "carry little padding (--no-length-buckets: plain shuffling; fasttext always shuffles plainly)"
+        "carry little padding (--no-length-buckets: plain shuffling; fasttext and tfidf-mlp always shuffle plainly)"
     )
     lowercase: bool = _f(True, "text task: lowercase text for tokenizers trained on the data and for fasttext n-grams "
                                "(pretrained tokenizers keep their own setting)")
@@ -87,7 +87,10 @@ class TrainConfig:
         None, "pretrained weights: a local .safetensors/.pth file, or 'hub' to use the hub cache; "
         "hf: models default to their own weights"
     )
-    dropout: float = _f(0.1, "dropout before the classifier")
+    dropout: Optional[float] = _f(
+        None, "dropout before the classifier; default: the model's recommended value (tfidf-mlp: 0.5, others: 0.1); "
+        "config.yaml records the value used"
+    )
     pooling: Literal["cls", "attention"] = _f(
         "cls", "text task: classifier head over the token states: cls (the pooled [CLS] state; mean for fasttext) "
         "or attention (a learned masked-softmax weighted sum of all token states)"
@@ -97,7 +100,8 @@ class TrainConfig:
     epochs: int = _f(12, "number of passes over the training data")
     batch_size: int = _f(64, "examples per step (per process when distributed)")
     lr: Optional[float] = _f(
-        None, "peak learning rate; default: the model's recommended rate (msresnet and timm: 2e-3, albert-scratch: 1e-3, "
+        None, "peak learning rate; default: the model's recommended rate (msresnet and timm: 2e-3, albert-scratch and "
+        "tfidf-mlp: 1e-3, "
         "fasttext: 1e-2, hf: checkpoints 5e-5, hf: folders from `duoclass pretrain` 5e-4); config.yaml records the value used"
     )
     weight_decay: float = _f(0.05, "decoupled weight decay (AdamW); L2 for Adam")
@@ -168,7 +172,7 @@ class TrainConfig:
             bad("max_length", f"got {self.max_length}; must be >= 8")
         if self.vocab_size < 100:
             bad("vocab_size", f"got {self.vocab_size}; use at least 100, e.g. --vocab-size 8000")
-        if not 0 <= self.dropout < 1:
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             bad("dropout", f"got {self.dropout}; must be in [0, 1)")
         for name in ("hflip", "vflip"):
             v = getattr(self, name)

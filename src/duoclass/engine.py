@@ -40,7 +40,7 @@ from .config import TrainConfig
 from .data.splits import TaskData
 from .errors import DuoclassError
 from .metrics import classification_metrics, select
-from .models import count_params, create_model, resolve_name
+from .models import count_params, create_model, default_dropout, resolve_name
 
 log = logging.getLogger("duoclass")
 
@@ -400,7 +400,7 @@ def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any
 
     # model, loss, optimizer, schedule
     model_args = {k: v for k, v in data.model_args.items() if v is not None}
-    model_args["dropout"] = cfg.dropout
+    model_args["dropout"] = cfg.dropout if cfg.dropout is not None else default_dropout(cfg.model)
     build_args = dict(model_args, pretrained=cfg.pretrained) if cfg.pretrained else model_args
     model_name = resolve_name(cfg.model)
     model = create_model(model_name, len(data.classes), **build_args)

@@ -8,11 +8,13 @@ kept. CSVs may be UTF-8 (with or without BOM) or GBK/GB18030; quoted newlines ar
 with empty text is skipped and counted (RUN_DIR/skipped.csv); an empty label, a duplicate id
 or a missing column is an error naming the file and line.
 
-Three ways to turn text into ids, picked by the model (models.text_models.text_input_kind):
+Ways to turn text into ids, picked by the model (models.text_models.text_input_kind):
 
     hf          a Hugging Face tokenizer: the checkpoint's own, or one trained here on the
                 training texts (WordPiece; character-level when the text is mostly Chinese)
     ngram-hash  fasttext: hashed words, word bigrams and char 3/4-grams; no files
+    ngram-vocab tfidf-mlp: the same n-grams, a vocabulary of those in 2+ training texts with their
+                IDF (ngrams.json in the model folder); batches carry TF-IDF weights
 
 The tokenizer files travel in the model folder under `tokenizer/`; loading never downloads.
 Training texts can be augmented per example and epoch (--text-augment, see text_augment.py);
@@ -25,9 +27,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import tempfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -254,12 +258,9 @@ def load_hf_tokenizer(source: str | Path) -> Any:
 _WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W\d_]+|\d+|[^\w\s]")
 
 
-def ngram_ids(text: str, buckets: int, max_features: int, lowercase: bool = True) -> list[int]:
-    """fastText features of one text, hashed (crc32, stable across runs) into ids 1..buckets-1.
-
-    Words (CJK characters count as words), word bigrams, then char 3/4-grams of each word with
-    boundary marks; truncation drops char n-grams first.
-    """
+def ngram_features(text: str, lowercase: bool = True) -> list[str]:
+    """fastText features of one text: words (CJK characters count as words), word bigrams, then
+    char 3/4-grams of each word longer than 2 characters, with boundary marks."""
     if lowercase:
         text = text.lower()
     words = _WORD.findall(text)
@@ -269,7 +270,34 @@ def ngram_ids(text: str, buckets: int, max_features: int, lowercase: bool = True
         if len(w) > 2:
             g = f"<{w}>"
             feats += [f"c {g[i:i + n]}" for n in (3, 4) for i in range(len(g) - n + 1)]
-    return [zlib.crc32(f.encode("utf-8")) % (buckets - 1) + 1 for f in feats[:max_features]]
+    return feats
+
+
+def ngram_ids(text: str, buckets: int, max_features: int, lowercase: bool = True) -> list[int]:
+    """ngram_features hashed (crc32, stable across runs) into ids 1..buckets-1; truncation drops char n-grams first."""
+    return [zlib.crc32(f.encode("utf-8")) % (buckets - 1) + 1 for f in ngram_features(text, lowercase)[:max_features]]
+
+
+NGRAM_FILE = "ngrams.json"
+MIN_DF = 2  # an n-gram must occur in 2+ training texts to enter the vocabulary ...
+MIN_VOCAB = 1000  # ... unless that leaves fewer than this many (tiny data): then every n-gram counts
+MAX_VOCAB = 100_000  # the most frequent n-grams (by document frequency) when there are more
+
+
+def build_ngram_vocab(texts: Sequence[str], lowercase: bool = True) -> dict[str, Any]:
+    """The n-gram vocabulary of the training texts with smoothed IDF weights (as scikit-learn's TfidfVectorizer).
+
+    Returns the JSON-safe dict stored in the model folder as ngrams.json: features (id 1 is the
+    first; 0 is padding), idf, min_df, documents.
+    """
+    df: Counter[str] = Counter()
+    for t in texts:
+        df.update(set(ngram_features(t, lowercase)))
+    min_df = MIN_DF if sum(c >= MIN_DF for c in df.values()) >= MIN_VOCAB else 1
+    kept = sorted((f for f, c in df.items() if c >= min_df), key=lambda f: (-df[f], f))[:MAX_VOCAB]
+    n = len(texts)
+    return {"features": kept, "idf": [round(math.log((1 + n) / (1 + df[f])) + 1.0, 6) for f in kept],
+            "min_df": min_df, "documents": n}
 
 
 # --- the preprocessor ------------------------------------------------------------------------
@@ -279,13 +307,20 @@ class TextPreprocessor:
     task = "text"
 
     def __init__(self, kind: str, max_length: int = 128, lowercase: bool = True, tokenizer: Any = None,
-                 source: str = "", buckets: int = 0, text_column: str = "text", label_column: str = "label"):
-        if kind not in ("hf", "ngram-hash"):
+                 source: str = "", buckets: int = 0, text_column: str = "text", label_column: str = "label",
+                 ngrams: dict[str, Any] | None = None):
+        if kind not in ("hf", "ngram-hash", "ngram-vocab"):
             raise DuoclassError(f"unknown text preprocessing {kind!r}; upgrade duoclass to load this model folder")
+        if kind == "ngram-vocab" and ngrams is None:
+            raise DuoclassError("ngram-vocab preprocessing needs its vocabulary (ngrams.json of the model folder)")
         self.kind, self.max_length, self.lowercase = kind, int(max_length), bool(lowercase)
         self.tokenizer, self.source, self.buckets = tokenizer, source, int(buckets)
         self.text_column, self.label_column = text_column, label_column
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer is not None else 0
+        self.ngrams = ngrams
+        if ngrams is not None:  # feature -> id (1-based; 0 pads) and the IDF of each id
+            self.vocab = {f: i + 1 for i, f in enumerate(ngrams["features"])}
+            self.idf = torch.tensor([0.0] + list(ngrams["idf"]), dtype=torch.float32)
 
     def to_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tokenizer": self.kind, "source": self.source, "max_length": self.max_length,
@@ -294,22 +329,35 @@ class TextPreprocessor:
         if self.kind == "hf":
             out["files"] = TOKENIZER_DIR + "/"
             out["vocab_size"] = len(self.tokenizer)
-        else:
+        elif self.kind == "ngram-hash":
             out.update(buckets=self.buckets, features="words, word bigrams, char 3/4-grams; crc32 hashed")
+        else:
+            out.update(files=NGRAM_FILE, vocab_size=len(self.vocab), min_df=self.ngrams["min_df"],  # type: ignore[index]
+                       features="words, word bigrams, char 3/4-grams; weights: (1 + log tf) * idf, L2-normalised")
         return out
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], folder: Path | None = None) -> "TextPreprocessor":
-        tok = None
+        tok, ngrams = None, None
+        if cfg["tokenizer"] in ("hf", "ngram-vocab") and folder is None:
+            raise DuoclassError("the tokenizer lives in the model folder; pass the folder to from_config")
         if cfg["tokenizer"] == "hf":
-            if folder is None:
-                raise DuoclassError("the tokenizer lives in the model folder; pass the folder to from_config")
-            tok = load_hf_tokenizer(Path(folder) / TOKENIZER_DIR)
+            tok = load_hf_tokenizer(Path(folder) / TOKENIZER_DIR)  # type: ignore[arg-type]
+        elif cfg["tokenizer"] == "ngram-vocab":
+            path = Path(folder) / NGRAM_FILE  # type: ignore[arg-type]
+            try:
+                ngrams = json.loads(path.read_text(encoding="utf-8"))
+                if len(ngrams["features"]) != len(ngrams["idf"]):
+                    raise ValueError("features and idf differ in length")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DuoclassError(f"{path}: unreadable n-gram vocabulary ({e}); copy the model folder again") from None
         return cls(cfg["tokenizer"], cfg["max_length"], cfg.get("lowercase", True), tok, cfg.get("source", ""),
-                   cfg.get("buckets", 0), cfg.get("text_column", "text"), cfg.get("label_column", "label"))
+                   cfg.get("buckets", 0), cfg.get("text_column", "text"), cfg.get("label_column", "label"), ngrams)
 
     def files(self) -> dict[str, bytes]:
-        """Tokenizer files for the model folder, as {"tokenizer/NAME": bytes}."""
+        """Tokenizer files for the model folder, as {"tokenizer/NAME": bytes} (or {"ngrams.json": bytes})."""
+        if self.ngrams is not None:
+            return {NGRAM_FILE: json.dumps(self.ngrams, ensure_ascii=False).encode("utf-8")}
         if self.tokenizer is None:
             return {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -320,6 +368,9 @@ class TextPreprocessor:
         """Token ids of many texts (no padding)."""
         if self.kind == "ngram-hash":
             return [ngram_ids(t, self.buckets, self.max_length * 4, self.lowercase) for t in texts]
+        if self.kind == "ngram-vocab":  # ids of known n-grams, repeats kept (they are the term frequency)
+            vocab, cap = self.vocab, self.max_length * 8
+            return [[i for i in (vocab.get(f, 0) for f in ngram_features(t, self.lowercase)[:cap]) if i] for t in texts]
         out: list[list[int]] = []
         for i in range(0, len(texts), 1024):
             out += self.tokenizer(list(texts[i : i + 1024]), truncation=True, max_length=self.max_length)["input_ids"]
@@ -331,7 +382,12 @@ class TextPreprocessor:
         return self.encode([text])[0]
 
     def collate(self, items: Sequence[list[int]]) -> dict[str, torch.Tensor]:
-        """Pad to the longest example of the batch: input_ids and attention_mask, (B, L) long."""
+        """Pad to the longest example of the batch: input_ids and attention_mask, (B, L) long.
+
+        ngram-vocab: each distinct n-gram once, plus `weights` (B, L) float: (1 + log tf) * idf, L2-normalised.
+        """
+        if self.kind == "ngram-vocab":
+            return self._collate_tfidf(items)
         n = max([1] + [len(x) for x in items])
         ids = torch.full((len(items), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), n), dtype=torch.long)
@@ -339,6 +395,21 @@ class TextPreprocessor:
             ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
             mask[i, : len(x)] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+    def _collate_tfidf(self, items: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        counts = [Counter(x) for x in items]
+        n = max([1] + [len(c) for c in counts])
+        ids = torch.zeros((len(items), n), dtype=torch.long)
+        weights = torch.zeros((len(items), n), dtype=torch.float32)
+        for i, c in enumerate(counts):
+            if not c:
+                continue  # no known n-gram: an all-zero row (the model sees only its biases)
+            k = torch.tensor(list(c.keys()), dtype=torch.long)
+            w = (1.0 + torch.tensor(list(c.values()), dtype=torch.float32).log()) * self.idf[k]
+            ids[i, : len(k)] = k
+            weights[i, : len(k)] = w / w.norm().clamp_min(1e-12)
+        return {"input_ids": ids, "attention_mask": (ids > 0).long(), "weights": weights}
 
 
 class TextDataset(TorchDataset):
@@ -378,6 +449,11 @@ def build_preprocessor(cfg: Any, train_texts: Sequence[str]) -> tuple[TextPrepro
         pre = TextPreprocessor("ngram-hash", cfg.max_length, cfg.lowercase, buckets=DEFAULT_BUCKETS,
                                text_column=cfg.text_column, label_column=cfg.label_column)
         return pre, {"buckets": DEFAULT_BUCKETS, "pooling": cfg.pooling}
+    if kind == "ngram-vocab":
+        ngrams = build_ngram_vocab(train_texts, cfg.lowercase)
+        pre = TextPreprocessor("ngram-vocab", cfg.max_length, cfg.lowercase, source=f"{len(ngrams['features'])} n-grams",
+                               text_column=cfg.text_column, label_column=cfg.label_column, ngrams=ngrams)
+        return pre, {"vocab_size": len(ngrams["features"]) + 1, "pooling": cfg.pooling}
     if kind == "trained":
         tok, how = train_tokenizer(train_texts, cfg.vocab_size, cfg.lowercase)
         pre = TextPreprocessor("hf", min(cfg.max_length, MAX_POSITIONS), cfg.lowercase, tok, how,

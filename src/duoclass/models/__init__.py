@@ -30,23 +30,26 @@ class ModelSpec:
     description: str
     defaults: dict[str, Any]
     lr: float = 2e-3  # recommended peak learning rate (AdamW), the --lr default for this model
+    dropout: float = 0.1  # the --dropout default for this model
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 ALIASES: dict[str, str] = {}
 
 
-def register(name: str, task: str, description: str, *, lr: float = 2e-3, **defaults: Any) -> Callable:
+def register(name: str, task: str, description: str, *, lr: float = 2e-3, dropout: float = 0.1,
+             **defaults: Any) -> Callable:
     """Decorator: register a model builder under a user-facing name. Duplicate names are an error.
 
-    `lr` is the model's recommended peak learning rate (used when --lr is not given);
+    `lr` is the model's recommended peak learning rate (used when --lr is not given), `dropout`
+    its recommended dropout before the classifier (used when --dropout is not given);
     `defaults` are keyword arguments passed to the builder.
     """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY or name in ALIASES:
             raise ValueError(f"model name {name!r} is registered twice")
-        _REGISTRY[name] = ModelSpec(name, task, fn, description, defaults, lr)
+        _REGISTRY[name] = ModelSpec(name, task, fn, description, defaults, lr, dropout)
         return fn
 
     return deco
@@ -104,6 +107,12 @@ def default_lr(name: str) -> float:
     if spec is None:
         raise unknown_model_error(name)
     return spec.lr
+
+
+def default_dropout(name: str) -> float:
+    """The recommended dropout before the classifier: what an unset --dropout becomes (0.1 for timm: and hf: models)."""
+    spec = None if name.startswith(("timm:", "hf:")) else get_spec(name)
+    return spec.dropout if spec is not None else 0.1
 
 
 def unknown_model_error(name: str) -> DuoclassError:

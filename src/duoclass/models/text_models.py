@@ -38,6 +38,7 @@ ALBERT_SIZES: dict[str, dict[str, int]] = {
 MAX_POSITIONS = 512
 DEFAULT_VOCAB = 8000  # only for listing parameter counts; training sizes the vocabulary from the tokenizer
 DEFAULT_BUCKETS = 65_536
+DEFAULT_NGRAM_VOCAB = 50_000  # only for listing parameter counts; training sizes it from the data
 
 
 def transformers_module() -> Any:
@@ -178,10 +179,46 @@ def build_fasttext(num_classes: int, buckets: int = DEFAULT_BUCKETS, dim: int = 
     return FastText(num_classes, buckets, dim, pooling, dropout)
 
 
+# --- TF-IDF bag of n-grams into a wide MLP ---------------------------------------------------------
+class TfidfMLP(nn.Module):
+    """TF-IDF-weighted sum of n-gram vectors (= a linear layer on the sparse TF-IDF vector), ReLU,
+    dropout, linear: the "WideMLP" of Galke & Scherp (2022), one wide hidden layer over a bag of n-grams.
+
+    The preprocessor ("ngram-vocab") gives the distinct n-gram ids of each text and their
+    L2-normalised TF-IDF `weights`; id 0 is padding (weight 0).
+    """
+
+    def __init__(self, num_classes: int, vocab_size: int = DEFAULT_NGRAM_VOCAB, hidden: int = 256, dropout: float = 0.5):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab_size, hidden, mode="sum", padding_idx=0)
+        nn.init.normal_(self.embed.weight, std=hidden ** -0.5)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.embed(batch["input_ids"], per_sample_weights=batch["weights"].to(self.embed.weight.dtype))
+        return self.fc(self.dropout(torch.relu(h + self.bias)))
+
+
+@register("tfidf-mlp", "text", "TF-IDF of words, word bigrams and char n-grams (vocabulary from your data) into one "
+          "wide ReLU layer (256), dropout, linear (Galke & Scherp, 2022)", lr=1e-3, dropout=0.5)
+def build_tfidf_mlp(num_classes: int, vocab_size: int = DEFAULT_NGRAM_VOCAB, hidden: int = 256, pooling: str = "cls",
+                    dropout: float = 0.5, **_: Any) -> TfidfMLP:
+    if pooling != "cls":
+        raise DuoclassError(f"--pooling {pooling}: tfidf-mlp sums its n-gram vectors by TF-IDF weight and has no "
+                            "token states to pool; leave --pooling at cls")
+    return TfidfMLP(num_classes, vocab_size, hidden, dropout)
+
+
 def text_input_kind(name: str) -> str:
     """How a text model wants its input: 'ngram-hash' (fasttext), 'trained' (a tokenizer trained on the data), 'hf'."""
     if name == "fasttext":
         return "ngram-hash"
+    if name == "tfidf-mlp":
+        return "ngram-vocab"
     if name.startswith("albert-scratch"):
         return "trained"
     if name.startswith("hf:"):
