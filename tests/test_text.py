@@ -183,14 +183,53 @@ def test_tfidf_mlp_train_folder_load(toy: Path, tmp_path: Path, capsys: pytest.C
     assert cfg["preprocessing"]["tokenizer"] == "ngram-vocab" and "ngrams.json" in cfg["files"]
     assert cfg["model"]["args"]["dropout"] == 0.5  # the model's own default when --dropout is not given
     assert "dropout: 0.5" in (tmp_path / "tm" / "config.yaml").read_text()
+    # the folder alone (ngrams.json + weights) reproduces the training run's test score, which
+    # the engine computed with the preprocessor built from the training data
     again = duoclass.load(folder, device="cpu")
-    texts = ["wonderful acting", "horrible movie", "qqqq unseen words"]
-    assert abs(again.predict_proba(texts) - clf.predict_proba(texts)).max() < 1e-6
-    assert again.predict(texts[:2]) == ["pos", "neg"]
+    assert again.evaluate(toy, split="test")["accuracy"] == pytest.approx(clf.result_.test["accuracy"])
+    assert again.predict(["wonderful acting", "horrible movie"]) == ["pos", "neg"]
+    assert again.predict_proba(["qqqq unseen words"]).shape == (1, 2)  # no known n-gram: still an answer
     # the vocabulary is part of the model (hashed with the weights): a changed ngrams.json is a clear error
+    out = ["--output", str(tmp_path / "o.csv")]
     (folder / "ngrams.json").write_text("{}", encoding="utf-8")
-    line = _error_line(capsys, ["predict", str(folder), str(toy / "test.csv"), "--output", str(tmp_path / "o.csv")])
-    assert "ngrams.json" in line and "copy the model folder again" in line
+    line = _error_line(capsys, ["predict", str(folder), str(toy / "test.csv"), *out])
+    assert "ngrams.json" in line and "checksum mismatch" in line
+    # ... and a damaged one whose hash was updated too is still an error, not a traceback
+    import hashlib
+
+    for bad in ("[1, 2]", '{"features": ["w a"], "idf": []}', "not json"):
+        (folder / "ngrams.json").write_text(bad, encoding="utf-8")
+        cfg["files"]["ngrams.json"] = hashlib.sha256(bad.encode()).hexdigest()
+        (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        line = _error_line(capsys, ["predict", str(folder), str(toy / "test.csv"), *out])
+        assert "ngrams.json" in line and "copy the model folder again" in line
+
+
+def test_ngram_vocab_min_df_and_word_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from duoclass import text
+    from duoclass.api import prepare, resolve_settings
+    from duoclass.config import TrainConfig
+
+    texts = ["alpha beta gamma", "alpha beta delta", "epsilon zeta"]
+    assert text.build_ngram_vocab(texts)["min_df"] == 1  # under MIN_VOCAB n-grams occur twice: keep all
+    monkeypatch.setattr(text, "MIN_VOCAB", 2)
+    v = text.build_ngram_vocab(texts)  # "w alpha", "w beta", "b alpha beta" (and char n-grams) occur twice
+    assert v["min_df"] == 2 and {"w alpha", "w beta", "b alpha beta"} <= set(v["features"])
+    assert "w gamma" not in v["features"] and "w epsilon" not in v["features"]
+    assert v["features"][0] == "c eta"  # most frequent first: in beta (twice) and zeta, 3 texts
+    monkeypatch.undo()
+    # the first --max-length x 8 words count; the run says how many training texts were cut
+    assert text.ngram_features("a b c", max_words=2) == ["w a", "w b", "b a b"]
+    rows = [(f"r{i}", " ".join(["good" if i % 2 else "bad"] + ["word"] * (3 if i % 3 else 70)), "pos" if i % 2 else "neg")
+            for i in range(30)]
+    for split in ("train", "valid"):
+        write_csv(tmp_path / "long" / f"{split}.csv", rows)
+    data = prepare(resolve_settings(TrainConfig(data=str(tmp_path / "long"), model="tfidf-mlp", max_length=8)))
+    assert any("10 training texts truncated to 64 words" in n for n in data.notes), data.notes
+    # a head tfidf-mlp does not have is refused before any data is read or folder written
+    line = _error_line(capsys, ["train", str(tmp_path / "long"), "--model", "tfidf-mlp", "--pooling", "attention",
+                                "--output", str(tmp_path / "run")])
+    assert "--pooling attention: tfidf-mlp" in line and not (tmp_path / "run").exists()
 
 
 def test_dropout_default_per_model() -> None:
@@ -361,4 +400,4 @@ def test_only_transformers_get_length_buckets(toy: Path) -> None:
     def bucketed(model: str) -> bool:
         return api.prepare(api.resolve_settings(TrainConfig(data=str(toy), model=model))).train.bucket
 
-    assert bucketed("albert-scratch-tiny") and not bucketed("fasttext")
+    assert bucketed("albert-scratch-tiny") and not bucketed("fasttext") and not bucketed("tfidf-mlp")

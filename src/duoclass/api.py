@@ -119,7 +119,7 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, **s
 
 
 def _check_early(cfg: TrainConfig) -> None:
-    """Fail on a wrong image-model name or resume folder before any data is read or file written."""
+    """Fail on a wrong image-model name, resume folder or head before any data is read or file written."""
     from .models import get_spec, unknown_model_error
 
     if cfg.resume and not (Path(cfg.resume) / "state.pt").is_file():
@@ -128,6 +128,9 @@ def _check_early(cfg: TrainConfig) -> None:
         )
     if cfg.task == "image" and not cfg.model.startswith("timm:") and get_spec(cfg.model) is None:
         raise unknown_model_error(cfg.model)
+    if cfg.model == "tfidf-mlp" and cfg.pooling != "cls":
+        raise DuoclassError(f"--pooling {cfg.pooling}: tfidf-mlp sums its n-gram vectors by TF-IDF weight and has no "
+                            "token states to pool; leave --pooling at cls")
 
 
 def load(path: str | Path, device: str = "auto") -> "Classifier":

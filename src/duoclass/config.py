@@ -45,12 +45,13 @@ class TrainConfig:
     text_column: str = _f("text", "text task: column holding the text")
     label_column: str = _f("label", "column holding the label (text CSVs and image manifests)")
     path_column: str = _f("path", "image CSV manifest: column holding the image path")
-    max_length: int = _f(128, "text task: maximum tokens per example")
+    max_length: int = _f(128, "text task: maximum tokens per example (tfidf-mlp: 8x as many words)")
     length_buckets: bool = _f(
         True, "text task, transformer models: shuffle, then batch examples of similar length together so batches "
         "carry little padding (--no-length-buckets: plain shuffling; fasttext and tfidf-mlp always shuffle plainly)"
     )
-    lowercase: bool = _f(True, "text task: lowercase text for tokenizers trained on the data and for fasttext n-grams "
+    lowercase: bool = _f(True, "text task: lowercase text for tokenizers trained on the data and for fasttext and "
+                               "tfidf-mlp n-grams "
                                "(pretrained tokenizers keep their own setting)")
     vocab_size: int = _f(8000, "text task: vocabulary size of a tokenizer trained on the data (albert-scratch-*)")
     text_augment: str = _f(

@@ -14,7 +14,8 @@ Ways to turn text into ids, picked by the model (models.text_models.text_input_k
                 training texts (WordPiece; character-level when the text is mostly Chinese)
     ngram-hash  fasttext: hashed words, word bigrams and char 3/4-grams; no files
     ngram-vocab tfidf-mlp: the same n-grams, a vocabulary of those in 2+ training texts with their
-                IDF (ngrams.json in the model folder); batches carry TF-IDF weights
+                IDF (ngrams.json in the model folder); batches carry TF-IDF weights; reads the
+                first --max-length x 8 words
 
 The tokenizer files travel in the model folder under `tokenizer/`; loading never downloads.
 Training texts can be augmented per example and epoch (--text-augment, see text_augment.py);
@@ -188,6 +189,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 8000, lowercase: boo
 
     Returns (a transformers fast tokenizer with [PAD]=0, [UNK], [CLS], [SEP], [MASK] that adds
     [CLS] ... [SEP], and its kind: "trained-wordpiece" or "trained-char").
+    The character vocabulary is the same in every process; a WordPiece vocabulary is not
+    (the tokenizers library breaks ties in hash-map order, huggingface/tokenizers#1794), so
+    two processes given the same texts can get different tokenizers. The model folder keeps
+    the one a model was trained with.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -258,12 +263,13 @@ def load_hf_tokenizer(source: str | Path) -> Any:
 _WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W\d_]+|\d+|[^\w\s]")
 
 
-def ngram_features(text: str, lowercase: bool = True) -> list[str]:
+def ngram_features(text: str, lowercase: bool = True, max_words: int | None = None) -> list[str]:
     """fastText features of one text: words (CJK characters count as words), word bigrams, then
-    char 3/4-grams of each word longer than 2 characters, with boundary marks."""
+    char 3/4-grams of each word longer than 2 characters, with boundary marks. With `max_words`,
+    only the first that many words (and the n-grams within them) count."""
     if lowercase:
         text = text.lower()
-    words = _WORD.findall(text)
+    words = _WORD.findall(text)[:max_words]
     feats = [f"w {w}" for w in words]
     feats += [f"b {a} {b}" for a, b in zip(words, words[1:])]
     for w in words:
@@ -282,9 +288,15 @@ NGRAM_FILE = "ngrams.json"
 MIN_DF = 2  # an n-gram must occur in 2+ training texts to enter the vocabulary ...
 MIN_VOCAB = 1000  # ... unless that leaves fewer than this many (tiny data): then every n-gram counts
 MAX_VOCAB = 100_000  # the most frequent n-grams (by document frequency) when there are more
+WORDS_PER_TOKEN = 8  # tfidf-mlp reads the first max_length * 8 words of a text: a bag of n-grams is cheap per word
 
 
-def build_ngram_vocab(texts: Sequence[str], lowercase: bool = True) -> dict[str, Any]:
+def count_words(text: str) -> int:
+    """Words as ngram_features sees them (a CJK character is a word)."""
+    return len(_WORD.findall(text))
+
+
+def build_ngram_vocab(texts: Sequence[str], lowercase: bool = True, max_words: int | None = None) -> dict[str, Any]:
     """The n-gram vocabulary of the training texts with smoothed IDF weights (as scikit-learn's TfidfVectorizer).
 
     Returns the JSON-safe dict stored in the model folder as ngrams.json: features (id 1 is the
@@ -292,7 +304,7 @@ def build_ngram_vocab(texts: Sequence[str], lowercase: bool = True) -> dict[str,
     """
     df: Counter[str] = Counter()
     for t in texts:
-        df.update(set(ngram_features(t, lowercase)))
+        df.update(set(ngram_features(t, lowercase, max_words)))
     min_df = MIN_DF if sum(c >= MIN_DF for c in df.values()) >= MIN_VOCAB else 1
     kept = sorted((f for f, c in df.items() if c >= min_df), key=lambda f: (-df[f], f))[:MAX_VOCAB]
     n = len(texts)
@@ -319,8 +331,12 @@ class TextPreprocessor:
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer is not None else 0
         self.ngrams = ngrams
         if ngrams is not None:  # feature -> id (1-based; 0 pads) and the IDF of each id
-            self.vocab = {f: i + 1 for i, f in enumerate(ngrams["features"])}
-            self.idf = torch.tensor([0.0] + list(ngrams["idf"]), dtype=torch.float32)
+            feats, idf = ngrams.get("features"), ngrams.get("idf")
+            if not (isinstance(feats, list) and isinstance(idf, list) and len(feats) == len(idf)
+                    and all(isinstance(f, str) for f in feats) and all(isinstance(x, (int, float)) for x in idf)):
+                raise DuoclassError("the n-gram vocabulary needs equally long lists 'features' (strings) and 'idf' (numbers)")
+            self.vocab = {f: i + 1 for i, f in enumerate(feats)}
+            self.idf = torch.tensor([0.0] + idf, dtype=torch.float32)
 
     def to_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tokenizer": self.kind, "source": self.source, "max_length": self.max_length,
@@ -347,12 +363,17 @@ class TextPreprocessor:
             path = Path(folder) / NGRAM_FILE  # type: ignore[arg-type]
             try:
                 ngrams = json.loads(path.read_text(encoding="utf-8"))
-                if len(ngrams["features"]) != len(ngrams["idf"]):
-                    raise ValueError("features and idf differ in length")
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                if not isinstance(ngrams, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
                 raise DuoclassError(f"{path}: unreadable n-gram vocabulary ({e}); copy the model folder again") from None
-        return cls(cfg["tokenizer"], cfg["max_length"], cfg.get("lowercase", True), tok, cfg.get("source", ""),
-                   cfg.get("buckets", 0), cfg.get("text_column", "text"), cfg.get("label_column", "label"), ngrams)
+        try:
+            return cls(cfg["tokenizer"], cfg["max_length"], cfg.get("lowercase", True), tok, cfg.get("source", ""),
+                       cfg.get("buckets", 0), cfg.get("text_column", "text"), cfg.get("label_column", "label"), ngrams)
+        except DuoclassError as e:
+            if ngrams is None:
+                raise
+            raise DuoclassError(f"{Path(folder) / NGRAM_FILE}: {e}; copy the model folder again") from None  # type: ignore[arg-type]
 
     def files(self) -> dict[str, bytes]:
         """Tokenizer files for the model folder, as {"tokenizer/NAME": bytes} (or {"ngrams.json": bytes})."""
@@ -369,8 +390,8 @@ class TextPreprocessor:
         if self.kind == "ngram-hash":
             return [ngram_ids(t, self.buckets, self.max_length * 4, self.lowercase) for t in texts]
         if self.kind == "ngram-vocab":  # ids of known n-grams, repeats kept (they are the term frequency)
-            vocab, cap = self.vocab, self.max_length * 8
-            return [[i for i in (vocab.get(f, 0) for f in ngram_features(t, self.lowercase)[:cap]) if i] for t in texts]
+            vocab, cap = self.vocab, self.max_length * WORDS_PER_TOKEN
+            return [[i for i in (vocab.get(f, 0) for f in ngram_features(t, self.lowercase, cap)) if i] for t in texts]
         out: list[list[int]] = []
         for i in range(0, len(texts), 1024):
             out += self.tokenizer(list(texts[i : i + 1024]), truncation=True, max_length=self.max_length)["input_ids"]
@@ -450,7 +471,7 @@ def build_preprocessor(cfg: Any, train_texts: Sequence[str]) -> tuple[TextPrepro
                                text_column=cfg.text_column, label_column=cfg.label_column)
         return pre, {"buckets": DEFAULT_BUCKETS, "pooling": cfg.pooling}
     if kind == "ngram-vocab":
-        ngrams = build_ngram_vocab(train_texts, cfg.lowercase)
+        ngrams = build_ngram_vocab(train_texts, cfg.lowercase, cfg.max_length * WORDS_PER_TOKEN)
         pre = TextPreprocessor("ngram-vocab", cfg.max_length, cfg.lowercase, source=f"{len(ngrams['features'])} n-grams",
                                text_column=cfg.text_column, label_column=cfg.label_column, ngrams=ngrams)
         return pre, {"vocab_size": len(ngrams["features"]) + 1, "pooling": cfg.pooling}
@@ -516,9 +537,16 @@ def prepare_text(cfg: Any) -> "TaskData":
     if valid_ds is None:
         raise DuoclassError(f"{cfg.data}: the valid split is empty; add rows to it or remove the file")
     lengths = sorted(train_ds.lengths())  # type: ignore[union-attr]
-    truncated = sum(n >= pre.max_length for n in lengths) if pre.kind == "hf" else 0
-    notes.append(f"text: {pre.kind} ({pre.source or 'hashed n-grams'}), median {lengths[len(lengths) // 2]} tokens"
-                 + (f", {truncated} training texts truncated to --max-length {pre.max_length}" if truncated else ""))
+    if pre.kind == "hf":
+        truncated, limit = sum(n >= pre.max_length for n in lengths), f"--max-length {pre.max_length} tokens"
+    elif pre.kind == "ngram-vocab":
+        cap = pre.max_length * WORDS_PER_TOKEN
+        truncated, limit = sum(count_words(r.text) > cap for r in train), f"{cap} words (--max-length x {WORDS_PER_TOKEN})"
+    else:
+        truncated = 0
+    notes.append(f"text: {pre.kind} ({pre.source or 'hashed n-grams'}), median {lengths[len(lengths) // 2]} "
+                 f"{'features' if pre.kind.startswith('ngram') else 'tokens'}"
+                 + (f", {truncated} training texts truncated to {limit}" if truncated else ""))
     return TaskData(
         task="text",
         classes=classes,

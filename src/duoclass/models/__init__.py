@@ -63,7 +63,7 @@ def alias(short: str, target: str) -> None:
 
 def _load_builtin() -> None:
     from . import msresnet  # noqa: F401  (registers msresnet-*)
-    from . import text_models  # noqa: F401  (registers albert-scratch-*, fasttext)
+    from . import text_models  # noqa: F401  (registers albert-scratch-*, fasttext, tfidf-mlp)
 
 
 def resolve_name(name: str) -> str:

@@ -1,7 +1,8 @@
 """Text models: small ALBERTs trained from scratch, a fastText-style baseline, and any Hugging Face checkpoint.
 
 Every model takes `{"input_ids": (B, L) long, "attention_mask": (B, L) long}` and returns
-logits (B, C). Two heads over the token states, chosen with `pooling`:
+logits (B, C); tfidf-mlp also takes `"weights": (B, L) float`, the TF-IDF weight of each
+n-gram id (its preprocessor adds them). Two heads over the token states, chosen with `pooling`:
 
     cls        the model's own pooled [CLS] head (mean of the n-gram embeddings for fasttext)
     attention  a learned weighted sum of the token states (masked softmax), then the classifier
@@ -214,7 +215,8 @@ def build_tfidf_mlp(num_classes: int, vocab_size: int = DEFAULT_NGRAM_VOCAB, hid
 
 
 def text_input_kind(name: str) -> str:
-    """How a text model wants its input: 'ngram-hash' (fasttext), 'trained' (a tokenizer trained on the data), 'hf'."""
+    """How a text model wants its input: 'ngram-hash' (fasttext), 'ngram-vocab' (tfidf-mlp), 'trained' (a tokenizer
+    trained on the data), 'hf'."""
     if name == "fasttext":
         return "ngram-hash"
     if name == "tfidf-mlp":
