@@ -128,9 +128,10 @@ def _check_early(cfg: TrainConfig) -> None:
         )
     if cfg.task == "image" and not cfg.model.startswith("timm:") and get_spec(cfg.model) is None:
         raise unknown_model_error(cfg.model)
-    if cfg.model == "tfidf-mlp" and cfg.pooling != "cls":
-        raise DuoclassError(f"--pooling {cfg.pooling}: tfidf-mlp sums its n-gram vectors by TF-IDF weight and has no "
-                            "token states to pool; leave --pooling at cls")
+    if cfg.task == "text":
+        from .models.text_models import check_head
+
+        check_head(cfg.model, cfg.pooling)
 
 
 def load(path: str | Path, device: str = "auto") -> "Classifier":

@@ -417,7 +417,6 @@ class TextPreprocessor:
             mask[i, : len(x)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
-
     def _collate_tfidf(self, items: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         counts = [Counter(x) for x in items]
         n = max([1] + [len(c) for c in counts])

@@ -97,6 +97,13 @@ def _check_pooling(pooling: str) -> None:
         raise DuoclassError(f"--pooling: got {pooling!r}; choose one of: cls, attention")
 
 
+def check_head(name: str, pooling: str) -> None:
+    """Refuse a --pooling the model cannot have (tfidf-mlp has no token states to pool)."""
+    if name == "tfidf-mlp" and pooling != "cls":
+        raise DuoclassError(f"--pooling {pooling}: tfidf-mlp sums its n-gram vectors by TF-IDF weight and has no "
+                            "token states to pool; leave --pooling at cls")
+
+
 def _wrap(config: Any, num_classes: int, pooling: str, dropout: float, weights: str | None = None) -> HFTextModel:
     """Build from `config` (random init), or load `weights` (an HF id or folder) into that architecture."""
     tf = transformers_module()
@@ -208,9 +215,7 @@ class TfidfMLP(nn.Module):
           "wide ReLU layer (256), dropout, linear (Galke & Scherp, 2022)", lr=1e-3, dropout=0.5)
 def build_tfidf_mlp(num_classes: int, vocab_size: int = DEFAULT_NGRAM_VOCAB, hidden: int = 256, pooling: str = "cls",
                     dropout: float = 0.5, **_: Any) -> TfidfMLP:
-    if pooling != "cls":
-        raise DuoclassError(f"--pooling {pooling}: tfidf-mlp sums its n-gram vectors by TF-IDF weight and has no "
-                            "token states to pool; leave --pooling at cls")
+    check_head("tfidf-mlp", pooling)
     return TfidfMLP(num_classes, vocab_size, hidden, dropout)
 
 
