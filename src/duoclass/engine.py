@@ -147,14 +147,23 @@ def class_weights(labels: list[int], n_classes: int, mode: str) -> torch.Tensor 
     return torch.tensor(w / w.mean(), dtype=torch.float32)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm weights (1-D tensors).
+FUSED = True  # fused optimizer kernels where every parameter allows them; benchmarks/optimizer_step.py turns it off
+
+
+def adam(model: nn.Module, lr: float, weight_decay: float, decoupled: bool = True) -> torch.optim.Optimizer:
+    """AdamW (or Adam) with no weight decay on biases and norm weights (1-D tensors)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel does the same arithmetic in one pass per tensor: about 7x faster than the
+    # per-tensor loop on a CPU (benchmarks/optimizer_step.py), which matters for wide embedding tables.
+    fused = FUSED and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    return cls(groups, lr=lr, fused=fused or None)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return adam(model, cfg.lr, cfg.weight_decay, decoupled=cfg.optimizer != "adam")
 
 
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> tuple[Any, str]:

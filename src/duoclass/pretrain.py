@@ -137,7 +137,7 @@ def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, mask_id: int, vocab_s
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run MLM pretraining and write the HF folder `cfg.output`. Returns a summary."""
-    from .engine import pick_device
+    from .engine import adam, pick_device
     from .models.text_models import ALBERT_SIZES, albert_config, is_hf_folder, transformers_module
     from .text import load_hf_tokenizer, train_tokenizer
 
@@ -175,9 +175,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     model.to(device).train()
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = adam(model, cfg.lr, cfg.weight_decay)
     warm = max(1, int(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     special = torch.tensor(sorted(set(tok.all_special_ids)))
