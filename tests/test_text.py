@@ -401,3 +401,25 @@ def test_only_transformers_get_length_buckets(toy: Path) -> None:
         return api.prepare(api.resolve_settings(TrainConfig(data=str(toy), model=model))).train.bucket
 
     assert bucketed("albert-scratch-tiny") and not bucketed("fasttext") and not bucketed("tfidf-mlp")
+
+
+@pytest.mark.parametrize("model", ["tfidf-mlp", "albert-scratch-tiny"])
+def test_resume_keeps_the_saved_vocabulary(model: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A resumed run reads the n-gram vocabulary / trained tokenizer from its model folder. Rebuilt
+    from training data that changed meanwhile, it would no longer fit the weights in state.pt."""
+    data, run = make_toy(tmp_path / "data", 60, 20), tmp_path / "run"
+    args = dict(FAST, model=model, lr=1e-3, output=str(run))
+    duoclass.train(data, epochs=1, **args)
+    saved = {p.relative_to(run / "model"): p.read_bytes() for p in (run / "model").rglob("*")
+             if p.is_file() and p.name in ("ngrams.json", "vocab.txt", "tokenizer.json")}
+    assert saved
+    # new words, in every training text: a vocabulary rebuilt from this data would be another size
+    rows = [(i, f"{t} novel{k % 7} extra{k % 5}", y) for k, (i, t, y) in enumerate(toy_rows(60, "train", 0))]
+    write_csv(data / "train.csv", rows)
+    with caplog.at_level("INFO", logger="duoclass"):
+        clf = duoclass.train(data, epochs=2, resume=str(run), **args)
+    assert "resume: keeping the" in caplog.text
+    assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    for rel, content in saved.items():  # the folder written after resuming holds the same vocabulary
+        assert (run / "model" / rel).read_bytes() == content
+    assert clf.predict(["good movie"])[0] in ("pos", "neg")

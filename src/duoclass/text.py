@@ -460,11 +460,42 @@ class LabelledCollate:
 
 
 # --- preparing a training run ----------------------------------------------------------------
+def _data_model_args(pre: TextPreprocessor, pooling: str) -> dict[str, Any]:
+    """Model args of a vocabulary built from the training texts (tfidf-mlp's n-grams, a trained tokenizer)."""
+    if pre.kind == "ngram-vocab":
+        return {"vocab_size": len(pre.vocab) + 1, "pooling": pooling}
+    return {"vocab_size": len(pre.tokenizer), "pad_token_id": pre.pad_id, "pooling": pooling}
+
+
+def resumed_preprocessor(folder: Path, kind: str) -> TextPreprocessor | None:
+    """The n-gram vocabulary or trained tokenizer an interrupted run saved in its model folder.
+
+    A resumed run must keep it: the weights in state.pt index it, and rebuilding it from the data
+    is not safe (the data may have changed, and WordPiece training is not repeatable across
+    processes). None when the run saved no model folder yet (it stopped inside its first epoch):
+    nothing was trained on a vocabulary then, so the caller builds one afresh.
+    """
+    try:
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        pcfg = saved["preprocessing"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pcfg.get("tokenizer") != ("ngram-vocab" if kind == "ngram-vocab" else "hf"):
+        return None
+    return TextPreprocessor.from_config(pcfg, folder)
+
+
 def build_preprocessor(cfg: Any, train_texts: Sequence[str]) -> tuple[TextPreprocessor, dict[str, Any]]:
     """The preprocessor a model needs, and the model args that depend on it."""
     from .models.text_models import DEFAULT_BUCKETS, MAX_POSITIONS, hf_config_dict, load_hf_config, text_input_kind
 
     kind = text_input_kind(cfg.model)
+    if kind in ("ngram-vocab", "trained") and getattr(cfg, "resume", None):
+        pre = resumed_preprocessor(Path(cfg.resume) / "model", kind)
+        if pre is not None:
+            log.info("resume: keeping the %s saved in %s (not rebuilt from the data)",
+                     "n-gram vocabulary" if kind == "ngram-vocab" else "trained tokenizer", Path(cfg.resume) / "model")
+            return pre, _data_model_args(pre, cfg.pooling)
     if kind == "ngram-hash":
         pre = TextPreprocessor("ngram-hash", cfg.max_length, cfg.lowercase, buckets=DEFAULT_BUCKETS,
                                text_column=cfg.text_column, label_column=cfg.label_column)
@@ -473,12 +504,12 @@ def build_preprocessor(cfg: Any, train_texts: Sequence[str]) -> tuple[TextPrepro
         ngrams = build_ngram_vocab(train_texts, cfg.lowercase, cfg.max_length * WORDS_PER_TOKEN)
         pre = TextPreprocessor("ngram-vocab", cfg.max_length, cfg.lowercase, source=f"{len(ngrams['features'])} n-grams",
                                text_column=cfg.text_column, label_column=cfg.label_column, ngrams=ngrams)
-        return pre, {"vocab_size": len(ngrams["features"]) + 1, "pooling": cfg.pooling}
+        return pre, _data_model_args(pre, cfg.pooling)
     if kind == "trained":
         tok, how = train_tokenizer(train_texts, cfg.vocab_size, cfg.lowercase)
         pre = TextPreprocessor("hf", min(cfg.max_length, MAX_POSITIONS), cfg.lowercase, tok, how,
                                text_column=cfg.text_column, label_column=cfg.label_column)
-        return pre, {"vocab_size": len(tok), "pad_token_id": pre.pad_id, "pooling": cfg.pooling}
+        return pre, _data_model_args(pre, cfg.pooling)
     source = cfg.model[len("hf:"):]
     config = load_hf_config(source)
     tok = load_hf_tokenizer(source)
