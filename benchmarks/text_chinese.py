@@ -1,6 +1,7 @@
 """Chinese text classification: TF-IDF + logistic regression vs duoclass tfidf-mlp, fasttext and an ALBERT pretrained here.
 
-For each dataset (default thucnews_titles and chnsenticorp_htl), in one run:
+For each dataset (default thucnews_titles and chnsenticorp_htl; any folder of DATA_ROOT with
+train/valid/test.csv works, e.g. the English sms_spam and trec6), in one run:
 
   tfidf-lr        char 1-2 and 1-3 gram TF-IDF + LogisticRegression; n-gram range and C picked on
                   valid accuracy, refit-free (the chosen model is the one trained on train)
