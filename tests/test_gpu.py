@@ -1,0 +1,89 @@
+"""CUDA paths: training with mixed precision and the fused optimizer, resume, and a model folder
+trained on the GPU that loads and predicts the same on the CPU. Run with `make test-gpu`;
+skipped where no CUDA device is visible."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import duoclass
+
+from .conftest import run_cli
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none is visible)")]
+
+IMAGE_ARGS = ["--model", "msresnet-tiny", "--image-size", "16", "--epochs", "4", "--lr", "0.003", "--batch-size", "64",
+              "--device", "cuda", "--workers", "2", "--no-progress", "--no-tensorboard", "--seed", "0"]
+
+
+def _test_images(digits: Path) -> list[Path]:
+    return sorted((digits / "test").rglob("*.png"))
+
+
+def test_image_training_on_cuda_with_amp_loads_on_cpu(digits: Path, tmp_path: Path) -> None:
+    r = run_cli("train", str(digits), *IMAGE_ARGS, "--output", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "device cuda" in r.stderr
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "amp: true" in saved
+    acc = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["accuracy"]
+    assert acc > 0.8, acc  # 10 classes: chance is 0.1
+    folder = tmp_path / "run" / "model"
+    gpu, cpu = duoclass.load(folder), duoclass.load(folder, device="cpu")
+    assert gpu.device.type == "cuda" and cpu.device.type == "cpu"  # "auto" picks the GPU
+    images = _test_images(digits)
+    pg, pc = gpu.predict_proba(images), cpu.predict_proba(images)
+    # the folder holds float32 weights; inference on either device gives the same answers, up to
+    # TF32 convolutions on the GPU
+    assert np.abs(pg - pc).max() < 2e-2
+    assert (pg.argmax(1) == pc.argmax(1)).mean() >= 0.99
+    # the run's own test figure came from bf16 autocast on the GPU; float32 on the CPU agrees to a few images
+    assert cpu.evaluate(digits, split="test")["accuracy"] == pytest.approx(acc, abs=0.02)
+
+
+def test_resume_on_cuda(digits: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [a if a != "4" else "2" for a in IMAGE_ARGS]
+    assert run_cli("train", str(digits), *args, "--output", str(run)).returncode == 0
+    r = run_cli("train", "--resume", str(run), "--epochs", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "after epoch 2" in r.stderr
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+@pytest.mark.parametrize("model", ["tfidf-mlp", "fasttext", "albert-scratch-tiny"])
+def test_text_models_train_on_cuda(model: str, tmp_path: Path) -> None:
+    from .test_text import make_toy
+
+    data = make_toy(tmp_path / "toy", 320, 40)
+    epochs = {"tfidf-mlp": 4, "fasttext": 8, "albert-scratch-tiny": 6}[model]
+    clf = duoclass.train(data, model=model, epochs=epochs, lr=1e-3 if model != "fasttext" else None,
+                         batch_size=16, device="cuda", output=str(tmp_path / "run"), progress=False, tensorboard=False)
+    assert clf.device.type == "cuda"
+    assert clf.result_.test["accuracy"] >= 0.8, clf.result_.test  # chance is 0.5
+    cpu = duoclass.load(clf.result_.model_dir, device="cpu")
+    texts = ["wonderful acting", "horrible movie", "the plot was quite a story"]
+    assert np.abs(clf.predict_proba(texts) - cpu.predict_proba(texts)).max() < 2e-2
+
+
+def test_optimizer_is_fused_on_cuda() -> None:
+    from duoclass import engine
+    from duoclass.models import create_model
+
+    model = create_model("msresnet-tiny", 3).cuda()
+    opt = engine.adam(model, 1e-3, 0.05)
+    assert opt.defaults["fused"] is True
+    x = torch.rand(4, 3, 16, 16, device="cuda")
+    with engine.autocast(torch.device("cuda"), True):
+        loss = model({"pixel_values": x}).float().logsumexp(1).mean()
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert any((p - b).abs().max() > 0 for p, b in zip(model.parameters(), before))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
