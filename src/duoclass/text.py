@@ -472,8 +472,8 @@ def resumed_preprocessor(folder: Path, kind: str) -> TextPreprocessor | None:
 
     A resumed run must keep it: the weights in state.pt index it, and rebuilding it from the data
     is not safe (the data may have changed, and WordPiece training is not repeatable across
-    processes). None when the run saved no model folder yet (it stopped inside its first epoch):
-    nothing was trained on a vocabulary then, so the caller builds one afresh.
+    processes). None when the folder holds none (the run wrote no model folder, or one of another
+    kind); the caller then builds one from the data.
     """
     try:
         saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
