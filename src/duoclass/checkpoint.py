@@ -135,6 +135,16 @@ def read_model_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, tor
     from safetensors.torch import load as st_load
 
     folder = Path(folder)
+    cfg = read_model_config(folder)
+    try:
+        state = st_load((folder / "model.safetensors").read_bytes())
+    except Exception as e:  # safetensors raises its own error types
+        raise DuoclassError(f"{folder / 'model.safetensors'}: unreadable weights ({e}); copy the model folder again") from None
+    return cfg, state
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """Validate a model folder's config.json and the checksums of its files; return the config."""
     if not folder.is_dir():
         raise DuoclassError(f"{folder}: model folder not found; pass the folder written by `duoclass train` (RUN_DIR/model)")
     cfg_path = folder / "config.json"
@@ -165,11 +175,7 @@ def read_model_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, tor
             raise DuoclassError(f"{p}: missing from the model folder; copy the whole folder again")
         if sha256_file(p) != digest:
             raise DuoclassError(f"{p}: checksum mismatch (the file was modified or truncated); copy the model folder again")
-    try:
-        state = st_load((folder / "model.safetensors").read_bytes())
-    except Exception as e:  # safetensors raises its own error types
-        raise DuoclassError(f"{folder / 'model.safetensors'}: unreadable weights ({e}); copy the model folder again") from None
-    return cfg, state
+    return cfg
 
 
 # --- training state -----------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .config import TrainConfig
 from .data.splits import TaskData
 from .errors import DuoclassError
 from .metrics import classification_metrics, select
-from .models import count_params, create_model, default_dropout, resolve_name
+from .models import count_params, create_model, resolve_name
 
 log = logging.getLogger("duoclass")
 
@@ -395,8 +395,8 @@ def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any
     optuna.TrialPruned there to stop a bad trial early. Meant for single-process runs.
     """
     start = time.time()
-    if cfg.lr is None:
-        raise DuoclassError("fit: no learning rate; pass the settings through api.resolve_settings first")
+    if cfg.lr is None or cfg.dropout is None:
+        raise DuoclassError("fit: no learning rate or dropout; pass the settings through api.resolve_settings first")
     device = pick_device(cfg.device)
     d = init_distributed(device)
     seed_everything(cfg.seed + d.rank, cfg.deterministic)
@@ -409,7 +409,7 @@ def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any
 
     # model, loss, optimizer, schedule
     model_args = {k: v for k, v in data.model_args.items() if v is not None}
-    model_args["dropout"] = cfg.dropout if cfg.dropout is not None else default_dropout(cfg.model)
+    model_args["dropout"] = cfg.dropout
     build_args = dict(model_args, pretrained=cfg.pretrained) if cfg.pretrained else model_args
     model_name = resolve_name(cfg.model)
     model = create_model(model_name, len(data.classes), **build_args)

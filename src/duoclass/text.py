@@ -473,13 +473,13 @@ def resumed_preprocessor(folder: Path, kind: str) -> TextPreprocessor | None:
     A resumed run must keep it: the weights in state.pt index it, and rebuilding it from the data
     is not safe (the data may have changed, and WordPiece training is not repeatable across
     processes). None when the folder holds none (the run wrote no model folder, or one of another
-    kind); the caller then builds one from the data.
+    kind); the caller then builds one from the data. A damaged folder is an error, as on loading.
     """
-    try:
-        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        pcfg = saved["preprocessing"]
-    except (OSError, ValueError, KeyError, TypeError):
+    from .checkpoint import read_model_config
+
+    if not (folder / "config.json").is_file():
         return None
+    pcfg = read_model_config(folder)["preprocessing"]
     if pcfg.get("tokenizer") != ("ngram-vocab" if kind == "ngram-vocab" else "hf"):
         return None
     return TextPreprocessor.from_config(pcfg, folder)
