@@ -1,23 +1,44 @@
-"""duoclass: train, evaluate, harden and serve image and text classifiers with one engine."""
+"""duoclass: train, evaluate, harden and serve image and text classifiers with one engine.
+
+    import duoclass
+    clf = duoclass.train("data/xrays", epochs=10, output="runs/xray")
+    clf = duoclass.load("runs/xray/model")
+    clf(["a.png", "b.png"], top_k=2)      # [[{"label": ..., "score": ...}, ...], ...]
+
+The names below are imported on first use, so `import duoclass` (and `duoclass --help`)
+does not import torch; loading a model and running it with the torch backend does.
+"""
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .api import Classifier, load, train
-from .config import TrainConfig
-from .data.clean import clean
-from .errors import DuoclassError, NotFittedError
-from .models import create_model, register
+_EXPORTS = {
+    "train": "duoclass.api",
+    "load": "duoclass.api",
+    "Classifier": "duoclass.classifier",
+    "Prediction": "duoclass.predict",
+    "TrainConfig": "duoclass.config",
+    "PretrainConfig": "duoclass.config",
+    "clean": "duoclass.data.clean",
+    "create_model": "duoclass.models",
+    "register": "duoclass.models",
+    "DuoclassError": "duoclass.errors",
+    "NotFittedError": "duoclass.errors",
+}
 
-__all__ = [
-    "train",
-    "load",
-    "Classifier",
-    "TrainConfig",
-    "clean",
-    "create_model",
-    "register",
-    "DuoclassError",
-    "NotFittedError",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'duoclass' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

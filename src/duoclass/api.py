@@ -1,4 +1,4 @@
-"""The small Python API: `train`, `load`, and the `Classifier` they return.
+"""The small Python API: `train`, `load`, and the `Classifier` they return (classifier.py).
 
     import duoclass
     clf = duoclass.train("data/xrays", epochs=10, output="runs/xray")
@@ -11,45 +11,31 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from torch import nn
-
-from .checkpoint import read_model_folder
+from .classifier import Classifier
 from .config import TrainConfig
-from .data.splits import TaskData
-from .errors import DuoclassError, NotFittedError
+from .errors import DuoclassError
+
+if TYPE_CHECKING:
+    from .data.splits import TaskData
 
 log = logging.getLogger("duoclass")
 
 
 def infer_task(cfg: TrainConfig) -> str:
     """'image' or 'text' from the setting, the model name, or the files."""
-    from .models import model_task
+    from .data.text_files import holds_text
+    from .models import get_spec, input_kind
 
     if cfg.task != "auto":
         return cfg.task
-    by_model = model_task(cfg.model)
-    if by_model is not None and not cfg.model.startswith("msresnet"):  # msresnet is also the untouched default
-        return by_model
-    p = Path(cfg.data)
-    if p.is_dir():
-        names = {q.name.lower() for q in p.iterdir()}
-        if any(n.endswith((".csv", ".tsv", ".jsonl")) and n.split(".")[0] in ("train", "valid", "test", "dev", "val") for n in names):
-            return "text"
-        return "image"
-    if p.suffix.lower() == ".jsonl":
+    known = get_spec(cfg.model) is not None or cfg.model.startswith(("timm:", "hf:"))
+    if known and input_kind(cfg.model) != "image":  # a text model; an image model on text data is caught later
         return "text"
-    if p.suffix.lower() in (".csv", ".tsv") and p.is_file():
-        from .data.tables import read_table
-
-        header, _ = read_table(p)
-        if cfg.text_column in header and cfg.path_column not in header:
-            return "text"
-    return "image"
+    return "text" if holds_text(cfg.data, cfg.text_column, cfg.path_column) else "image"
 
 
 TEXT_DEFAULT_MODEL = "hf:albert-base-v2"
@@ -65,6 +51,9 @@ def resolve_settings(cfg: TrainConfig) -> TrainConfig:
     from .models import default_dropout, default_lr, model_task
     from .models.text_models import is_hf_folder
 
+    run_model = Path(cfg.model) / "model"  # the run folder of `duoclass pretrain` holds its HF folder in model/
+    if not cfg.model.startswith(("hf:", "timm:")) and (run_model / "pretrain.json").is_file():
+        cfg = dataclasses.replace(cfg, model=str(run_model))
     if not cfg.model.startswith(("hf:", "timm:")) and is_hf_folder(cfg.model):
         cfg = dataclasses.replace(cfg, model=f"hf:{cfg.model}")
     task = infer_task(cfg)
@@ -82,8 +71,12 @@ def resolve_settings(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, task=task, model=model, pretrained=pretrained, lr=lr, dropout=dropout)
 
 
-def prepare(cfg: TrainConfig) -> TaskData:
-    """Turn the settings' data into datasets for the engine (pass settings through resolve_settings first)."""
+def prepare(cfg: TrainConfig, given: dict[str, Any] | None = None) -> "TaskData":
+    """Turn the settings' data into datasets for the engine (pass settings through resolve_settings first).
+
+    given: text only, another process's preprocessing to use instead of building one (see
+    distributed.prepare_once): {"preprocessing": to_config(), "files": {name: bytes}, "model_args": ...}.
+    """
     task = infer_task(cfg)
     if task == "image":
         from .image import prepare_images
@@ -95,11 +88,12 @@ def prepare(cfg: TrainConfig) -> TaskData:
         return prepare_images(cfg)
     from .text import prepare_text
 
-    return prepare_text(cfg)
+    return prepare_text(cfg, given=given)
 
 
-def train(data: str | Path | None = None, config: TrainConfig | None = None, **settings: Any) -> "Classifier":
+def train(data: str | Path | None = None, config: TrainConfig | None = None, **settings: Any) -> Classifier:
     """Train a classifier and return the best model, loaded. Settings are `TrainConfig` fields."""
+    from .distributed import prepare_once
     from .engine import fit
 
     if config is None:
@@ -108,9 +102,10 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, **s
         raise TypeError("pass either config= or data and settings, not both")
     if not config.data:
         raise DuoclassError("no data given; pass a dataset folder, zip or CSV")
+    _log_to_stderr()
     config = resolve_settings(config)
     _check_early(config)
-    result = fit(config, prepare(config))
+    result = fit(config, prepare_once(config, prepare))  # under torchrun: rank 0's vocabulary and classes everywhere
     if result is None:  # a non-zero rank under torchrun
         return None  # type: ignore[return-value]
     clf = load(result.model_dir)
@@ -134,124 +129,18 @@ def _check_early(cfg: TrainConfig) -> None:
         check_head(cfg.model, cfg.pooling)
 
 
-def load(path: str | Path, device: str = "auto") -> "Classifier":
+def load(path: str | Path, device: str = "auto", backend: str = "torch") -> Classifier:
     """Load a model folder. Checks every file's hash; never unpickles anything."""
-    return Classifier.from_folder(path, device=device)
+    return Classifier.from_folder(path, device=device, backend=backend)
 
 
-class Classifier:
-    """A trained model plus its preprocessing and class names."""
+def _log_to_stderr() -> None:
+    """Per-epoch progress for Python users too: an INFO handler on the duoclass logger when nothing is configured."""
+    import sys
 
-    def __init__(self, model: nn.Module, classes: list[str], preprocessor: Any, config: dict[str, Any], device: torch.device):
-        self.model = model
-        self.classes_ = list(classes)
-        self.preprocessor = preprocessor
-        self.config_ = config
-        self.device = device
-        self.result_: Any = None
-
-    @classmethod
-    def from_folder(cls, path: str | Path, device: str = "auto") -> "Classifier":
-        from .engine import pick_device
-        from .models import create_model
-
-        folder = Path(path)
-        cfg, state = read_model_folder(folder)
-        task = cfg["task"]
-        if task == "image":
-            from .image import ImagePreprocessor
-
-            pre = ImagePreprocessor.from_config(cfg["preprocessing"], folder)
-        elif task == "text":
-            from .text import TextPreprocessor
-
-            pre = TextPreprocessor.from_config(cfg["preprocessing"], folder)
-        else:
-            raise DuoclassError(f"{folder}: task {task!r} is not supported by this version of duoclass; upgrade it")
-        dev = pick_device(device)
-        model = create_model(cfg["model"]["name"], len(cfg["classes"]), **cfg["model"].get("args", {}))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise DuoclassError(f"{folder / 'model.safetensors'}: weights do not fit the architecture in config.json ({first})") from None
-        model.to(dev).eval()
-        return cls(model, cfg["classes"], pre, cfg, dev)
-
-    # --- prediction -----------------------------------------------------------------------
-    def _batches(self, inputs: Sequence[Any], batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
-        for i in range(0, len(inputs), batch_size):
-            chunk = inputs[i : i + batch_size]
-            yield self.preprocessor.collate([self.preprocessor.load(x) for x in chunk])
-
-    def predict_proba(self, inputs: Sequence[Any] | Any, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities, shape (N, n_classes), columns in `classes_` order."""
-        from .engine import predict_probs
-
-        if self.model is None:
-            raise NotFittedError("this classifier has no weights; use duoclass.load(MODEL_DIR) or duoclass.train(...)")
-        if isinstance(inputs, (str, Path, bytes)) or not isinstance(inputs, Sequence):
-            inputs = [inputs]
-        if len(inputs) == 0:
-            return np.zeros((0, len(self.classes_)), dtype=np.float32)
-        return predict_probs(self.model, self._batches(list(inputs), batch_size), self.device)
-
-    def predict(self, inputs: Sequence[Any] | Any, batch_size: int = 64) -> list[str]:
-        """Predicted class names, one per input."""
-        probs = self.predict_proba(inputs, batch_size)
-        return [self.classes_[i] for i in probs.argmax(axis=1)]
-
-    # --- evaluation -----------------------------------------------------------------------
-    def evaluate(self, data: str | Path, split: str = "test", batch_size: int = 64, top_k: int = 5) -> dict[str, Any]:
-        """Metrics on a labelled split of a dataset (the same layouts `train` reads)."""
-        from .data.sources import read_image_dataset
-        from .data.splits import label_ids
-        from .engine import evaluate as run_eval
-
-        if self.config_["task"] == "text":
-            return self._evaluate_text(data, split, batch_size, top_k)
-        ds = read_image_dataset(data)
-        if split not in ds.splits:
-            raise DuoclassError(f"{data}: no '{split}' split (found: {', '.join(sorted(ds.splits))}); pass --split NAME")
-        items = ds.splits[split]
-        labels = label_ids([y for _, y in items], self.classes_, f"{data} ({split} split)")
-        skipped = 0
-
-        def batches() -> Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-            nonlocal skipped
-            for i in range(0, len(items), batch_size):
-                xs, ys = [], []
-                for (ref, _), y in zip(items[i : i + batch_size], labels[i : i + batch_size]):
-                    try:
-                        xs.append(self.preprocessor.load(ref))
-                        ys.append(y)
-                    except DuoclassError as e:
-                        skipped += 1
-                        log.warning("skipped %s", e)
-                if xs:
-                    yield self.preprocessor.collate(xs), torch.tensor(ys)
-            if skipped == len(items):
-                why = f"none of its {skipped} images could be read (see the warnings above)" if skipped else "it has no images"
-                raise DuoclassError(f"{data}: nothing to evaluate in the '{split}' split: {why}; fix the files or pass another --split")
-
-        m = run_eval(self.model, batches(), self.device, self.classes_, top_k=top_k, loss_fn=nn.CrossEntropyLoss())
-        m["skipped_files"] = skipped
-        return m
-
-    def _evaluate_text(self, data: str | Path, split: str, batch_size: int, top_k: int) -> dict[str, Any]:
-        from .data.splits import label_ids
-        from .engine import evaluate as run_eval
-        from .text import read_eval_split
-
-        pre = self.preprocessor
-        recs, skipped, where = read_eval_split(data, split, pre.text_column, pre.label_column)
-        labels = label_ids([r.label for r in recs], self.classes_, f"{where} ({split} split)")  # type: ignore[misc]
-        encoded = pre.encode([r.text for r in recs])
-
-        def batches() -> Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-            for i in range(0, len(recs), batch_size):
-                yield pre.collate(encoded[i : i + batch_size]), torch.tensor(labels[i : i + batch_size])
-
-        m = run_eval(self.model, batches(), self.device, self.classes_, top_k=top_k, loss_fn=nn.CrossEntropyLoss())
-        m["skipped_files"] = skipped  # rows with empty text
-        return m
+    logger = logging.getLogger("duoclass")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -30,25 +31,37 @@ log = logging.getLogger("duoclass")
 
 # --- train flags generated from TrainConfig -------------------------------------------------
 def add_config_flags(p: argparse.ArgumentParser, cls: type | None = None, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of a settings dataclass (TrainConfig by default), except the fields in `skip`."""
-    from .config import TrainConfig, field_type
+    """One flag per field of a settings dataclass (TrainConfig by default), except the fields in `skip`.
+
+    Fields that name a `group` in their metadata go into an argument group of that title
+    (config.GROUPS gives the order and descriptions), so `--help` reads by topic. Each value
+    is converted by config.convert, so a bad one gets the same message as in a YAML file or
+    through the Python API.
+    """
+    from .config import GROUPS, TrainConfig, convert, field_type
 
     cls = cls or TrainConfig
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
+    groups: dict[str, Any] = {}
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+    for title in GROUPS:  # in GROUPS order, only those the class uses
+        if any(f.metadata.get("group") == title for f in fields):
+            groups[title] = p.add_argument_group(title, GROUPS[title])
+    for f in fields:
+        target = groups.get(f.metadata.get("group", ""), p)
         help_ = f.metadata.get("help", "")
+        to_type = functools.partial(convert, f.name, cls=cls)
         if f.metadata.get("positional"):
-            p.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_)
+            target.add_argument(f.name, nargs="?", type=to_type, default=argparse.SUPPRESS, help=help_)
             continue
         base, optional, choices = field_type(f.name, cls)
         flag = "--" + f.name.replace("_", "-")
         default = f"(default: {f.default})"
         if base is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f"{help_} {default}")
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"{help_} {default}")
         else:
-            p.add_argument(flag, type=base, choices=choices or None, default=argparse.SUPPRESS,
-                           metavar=None if choices else f.name.upper(), help=f"{help_} {default}")
+            target.add_argument(flag, type=to_type, choices=choices or None, default=argparse.SUPPRESS,
+                                metavar=None if choices else f.name.upper(), help=f"{help_} {default}")
 
 
 def config_from_args(ns: argparse.Namespace) -> Any:
@@ -72,15 +85,27 @@ def config_from_args(ns: argparse.Namespace) -> Any:
 
 
 # --- commands -------------------------------------------------------------------------------
+def without_nproc(argv: list[str]) -> list[str]:
+    """`argv` without its --nproc flag, written `--nproc N`, `--nproc=N` or as an abbreviation argparse accepts."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        key, eq, _ = argv[i].partition("=")
+        if len(key) > len("--n") and "--nproc".startswith(key):  # "--n" alone could be a --no-... flag
+            i += 1 if eq else 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
+    if ns.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ns.nproc}",
+               "-m", "duoclass", *without_nproc(ns.argv)]
+        return subprocess.call(cmd)
     from . import api
 
-    if ns.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--nproc")
-        del argv[i : i + 2]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ns.nproc}", "-m", "duoclass", *argv]
-        return subprocess.call(cmd)
     cfg = config_from_args(ns)
     clf = api.train(config=cfg)
     if clf is not None:
@@ -110,7 +135,10 @@ def cmd_tune(ns: argparse.Namespace) -> int:
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from . import api
 
-    m = api.load(ns.model_dir, device=ns.device).evaluate(ns.data, split=ns.split, batch_size=ns.batch_size, top_k=ns.top_k)
+    m = api.load(ns.model_dir, device=ns.device).evaluate(
+        ns.data, split=ns.split, batch_size=ns.batch_size, top_k=ns.top_k,
+        text_column=ns.text_column, label_column=ns.label_column, path_column=ns.path_column,
+    )
     if ns.json:
         print(json.dumps(m))
     else:
@@ -135,7 +163,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(ns: argparse.Namespace) -> int:
-    from .pretrain import PretrainConfig, pretrain
+    from .config import PretrainConfig
+    from .pretrain import pretrain
 
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(PretrainConfig) if hasattr(ns, f.name)}
     if not given.get("corpus"):
@@ -163,7 +192,13 @@ def cmd_models(ns: argparse.Namespace) -> int:
     if ns.timm is not None:
         import timm
 
-        for name in timm.list_models(ns.timm or "*"):
+        # a plain word matches anywhere in the name: `--timm resnet1` lists resnet10t, resnet18, ...
+        pattern = ns.timm if any(c in ns.timm for c in "*?[") else f"*{ns.timm}*"
+        names = timm.list_models(pattern)
+        if not names:
+            raise DuoclassError(f"--timm {ns.timm}: no timm model name matches {pattern!r}; try a shorter part of the "
+                                "name, e.g. `duoclass models --timm resnet`, or `--timm` alone for all of them")
+        for name in names:
             print(f"timm:{name}")
         return 0
     rows = []
@@ -231,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--top-k", type=int, default=5)
     e.add_argument("--device", default="auto")
+    e.add_argument("--text-column", default=None, help="text models: column holding the text (default: the training one)")
+    e.add_argument("--label-column", default=None, help="column holding the label (default: the training one)")
+    e.add_argument("--path-column", default=None,
+                   help="image CSV manifests: column holding the image path (default: the training one)")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="predict a file, folder, zip or CSV of inputs into a CSV")
@@ -245,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="masked-language-model pretraining on unlabelled text (writes an HF folder)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from .pretrain import PretrainConfig
+    from .config import PretrainConfig
 
     add_config_flags(pt, PretrainConfig)
     pt.set_defaults(func=cmd_pretrain)
@@ -258,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_clean)
 
     m = sub.add_parser("models", help="list model names with parameters and FLOPs")
-    m.add_argument("--timm", nargs="?", const="*", default=None, metavar="PATTERN", help="list timm model names instead")
+    m.add_argument("--timm", nargs="?", const="*", default=None, metavar="PATTERN",
+                   help="list timm model names instead: a shell-style pattern ('resnet*'), or a part of the name")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
@@ -270,8 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns = build_parser().parse_args(argv)  # flag values are converted by the settings, which may raise
+    except DuoclassError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ns.argv = argv
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if (ns.quiet or rank != 0) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)

@@ -1,20 +1,28 @@
-"""The training engine, shared by images and text.
+"""The training engine, shared by images, text and masked-language pretraining.
 
 `fit(cfg, data)` is the whole run, readable top to bottom:
 
-    build model, loss, optimizer, schedule -> maybe resume -> for each epoch:
-        train_one_epoch -> evaluate on valid -> keep the best model folder -> save state
-    -> evaluate the best model folder on test -> write metrics, plots
+    model (built from the settings, or given) -> loss, optimizer, schedule -> maybe resume -> each epoch:
+        for each batch of the batch source: step(ctx, inputs, labels) (forward, loss, backward) -> optimizer step
+        evaluate on valid (every process takes a share) -> keep the best model folder -> save state.pt
+    -> evaluate the best model folder on valid and test -> write metrics and plots
 
-`train_one_epoch`, `evaluate` and `predict_probs` are plain functions that other code
-(adversarial training, export checks, the server) reuses. Under torchrun the loop runs
-in every process with DistributedDataParallel; only rank 0 writes files.
+Three seams, so new capabilities plug in without a second loop:
+
+    model=   an nn.Module already built (pruned, quantization-aware, a masked language model, ...)
+    step=    `step(ctx, inputs, labels) -> loss`: turns one batch into a loss and gradients
+             (`standard_step` is cross-entropy; an adversarial step perturbs the inputs first)
+    data.batches   a BatchSource (len + epoch(i) -> batches) instead of the DataLoader, e.g. data
+             kept on the GPU with augmentation done there in batches
+
+`data.evaluate`, `data.save` and `data.finish` (TaskData) let a task other than classification
+(pretraining) keep its own metric and folder format. Under torchrun the loop runs in every
+process with DistributedDataParallel; only rank 0 writes files.
 
 CPU example:  duoclass train ../shared/data/images/pneumoniamnist --epochs 2 --device cpu
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
@@ -23,76 +31,35 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
+from .backends import TorchBackend, autocast, pick_device, to_device  # noqa: F401  (re-exported)
 from .checkpoint import atomic_write_json, atomic_write_text, load_state, save_model_folder, save_state
 from .config import TrainConfig
 from .data.splits import TaskData
+from .distributed import Dist, gather, init_distributed
 from .errors import DuoclassError
 from .metrics import classification_metrics, select
 from .models import count_params, create_model, resolve_name
+from .predict import cross_entropy, predict_probs
 
 log = logging.getLogger("duoclass")
 
-
-# --- devices and processes ------------------------------------------------------------------
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise DuoclassError("--device cuda: no CUDA device is visible; use --device cpu or --device auto")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise DuoclassError("--device mps: MPS is not available here; use --device cpu or --device auto")
-    return torch.device(name)
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
+# --- randomness -----------------------------------------------------------------------------
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -169,6 +136,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> tuple[Any, str]:
     """(scheduler, when): 'step' schedulers step every batch, 'epoch' ones after validation."""
     total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
     if cfg.schedule == "cosine":
         warm = int(cfg.warmup_epochs * steps_per_epoch)
 
@@ -184,6 +153,10 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch:
     if cfg.schedule == "plateau":
         mode = "min" if cfg.select_metric == "loss" else "max"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=0.5, patience=2), "epoch"
+    if cfg.schedule == "linear":  # linear warmup, then linear decay to 0 (BERT's pretraining schedule)
+        warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))), "step"
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), "step"
 
 
@@ -205,123 +178,46 @@ class EMA:
                 e.copy_(m)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-# --- the loops ------------------------------------------------------------------------------
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    device: torch.device,
-    scheduler: Any = None,
-    scaler: torch.amp.GradScaler | None = None,
-    amp: bool = False,
-    grad_clip: float = 0.0,
-    ema: EMA | None = None,
-    progress: tqdm | None = None,
-    augment: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-) -> float:
-    """One pass over `loader`; returns the mean training loss."""
-    model.train()
-    total, count = 0.0, 0
-    for batch in loader:
-        if batch is None:  # every example of the batch was unusable
-            continue
-        inputs, labels = batch
-        inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
-        if augment is not None:
-            inputs = augment(inputs)
-        with autocast(device, amp):
-            logits = model(inputs)  # (B, C)
-            loss = loss_fn(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update(model.module if hasattr(model, "module") else model)
-        n = labels.numel()
-        total += loss.item() * n
-        count += n
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def predict_probs(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, amp: bool = False, tta: bool = False
-) -> np.ndarray:
-    """Softmax probabilities (N, C) for an iterable of input dicts."""
-    model.eval()
-    out = []
-    for inputs in batches:
-        inputs = to_device(inputs, device)
-        with autocast(device, amp):
-            logits = model(inputs).float()
-            if tta and "pixel_values" in inputs:
-                flipped = {**inputs, "pixel_values": inputs["pixel_values"].flip(-1)}
-                logits = (logits.softmax(-1) + model(flipped).float().softmax(-1)).log()
-        out.append(logits.softmax(-1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device, classes: list[str], top_k: int = 5,
-    loss_fn: Callable | None = None, amp: bool = False, tta: bool = False,
-) -> dict[str, Any]:
-    """Metrics of `model` on a labelled loader."""
-    ys: list[torch.Tensor] = []
-
-    def inputs() -> Iterable[dict[str, torch.Tensor]]:
-        for batch in loader:
-            if batch is None:
-                continue
-            x, y = batch
-            ys.append(y)
-            yield x
-
-    probs = predict_probs(model, inputs(), device, amp, tta)
-    y = torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64)
-    loss = None
-    if loss_fn is not None and len(y):
-        loss = float(loss_fn(torch.from_numpy(np.log(np.clip(probs, 1e-12, None))), torch.from_numpy(y)))
-    return classification_metrics(y, probs, classes, top_k=top_k, loss=loss)
-
-
-# --- the run --------------------------------------------------------------------------------
+# --- the training step ------------------------------------------------------------------------
 @dataclass
-class RunResult:
-    run_dir: Path
-    model_dir: Path
-    best_epoch: int
-    valid: dict[str, Any]
-    test: dict[str, Any] | None
-    skipped: int
-    seconds: float
+class StepContext:
+    """What a training step may use: the training model (DDP-wrapped under torchrun), the loss, the device."""
+
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    device: torch.device
+    amp: bool = False
+    scaler: torch.amp.GradScaler | None = None
+    epoch: int = 0  # 0-based
+    step: int = 0  # optimizer steps taken so far in the run
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, C), under autocast when mixed precision is on."""
+        with autocast(self.device, self.amp):
+            return self.model(inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), scaled when an fp16 GradScaler is in use."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+
+Step = Callable[[StepContext, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def standard_step(ctx: StepContext, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the batch as it is; returns the (detached) loss."""
+    loss = ctx.loss_fn(ctx.forward(inputs).float(), labels)
+    ctx.backward(loss)
+    return loss.detach()
+
+
+# --- batches ------------------------------------------------------------------------------------
+class BatchSource(Protocol):
+    """Where training batches come from: `len` batches per epoch (this process), `epoch(i)` yields them."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int) -> Iterable[Batch | None]: ...
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -357,6 +253,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         yield from batches[self.rank : len(self) * self.world : self.world]
 
 
+
 def make_loader(ds: Any, cfg: TrainConfig, collate: Callable, shuffle: bool, epoch: int, d: Dist, workers: int) -> DataLoader:
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # data order depends only on (seed, epoch)
     drop_last = shuffle and len(ds) > cfg.batch_size * d.world
@@ -375,20 +272,159 @@ def make_loader(ds: Any, cfg: TrainConfig, collate: Callable, shuffle: bool, epo
                       generator=g, **common)
 
 
+class LoaderSource:
+    """The default batch source: a DataLoader over a dataset, reshuffled from (seed, epoch) every epoch."""
+
+    def __init__(self, ds: Any, collate: Callable, cfg: TrainConfig, d: Dist, workers: int):
+        self.ds, self.collate, self.cfg, self.d, self.workers = ds, collate, cfg, d, workers
+        self._len = len(make_loader(ds, cfg, collate, True, 0, d, 0))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def epoch(self, epoch: int) -> Iterable[Batch | None]:
+        if hasattr(self.ds, "set_epoch"):  # per-epoch randomness of the dataset itself (text augmentation)
+            self.ds.set_epoch(epoch)
+        return make_loader(self.ds, self.cfg, self.collate, True, epoch, self.d, self.workers)
+
+
+def default_workers(cfg: TrainConfig, ds: Any) -> int:
+    if cfg.workers >= 0:
+        return cfg.workers
+    return 0 if getattr(ds, "cache", None) is not None else min(4, os.cpu_count() or 1)
+
+
+# --- one epoch, and evaluation ------------------------------------------------------------------
+def train_one_epoch(
+    ctx: StepContext,
+    batches: Iterable[Batch | None],
+    optimizer: torch.optim.Optimizer,
+    step: Step = standard_step,
+    scheduler: Any = None,
+    grad_clip: float = 0.0,
+    ema: EMA | None = None,
+    progress: tqdm | None = None,
+    augment: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    max_steps: int = 0,
+) -> float:
+    """One pass over `batches`; returns the mean training loss. The loss stays on the device until the end
+    (no host-device sync per step); the progress bar reads it every 20 steps."""
+    ctx.model.train()
+    total = torch.zeros((), device=ctx.device)
+    count = 0
+    for batch in batches:
+        if batch is None:  # every example of the batch was unusable
+            continue
+        if max_steps and ctx.step >= max_steps:
+            break
+        inputs, labels = batch
+        inputs, labels = to_device(inputs, ctx.device), labels.to(ctx.device, non_blocking=True)
+        if augment is not None:
+            inputs = augment(inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss = step(ctx, inputs, labels)
+        if ctx.scaler is not None:
+            ctx.scaler.unscale_(optimizer)
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(ctx.model.parameters(), grad_clip)
+        if ctx.scaler is not None:
+            ctx.scaler.step(optimizer)
+            ctx.scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update(ctx.model.module if hasattr(ctx.model, "module") else ctx.model)
+        n = labels.shape[0]
+        total += loss.float() * n
+        count += n
+        ctx.step += 1
+        if progress is not None:
+            progress.update(1)
+            if progress.n % 20 == 0:
+                progress.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                     refresh=False)
+    return total.item() / max(count, 1)
+
+
+def sync_buffers(model: nn.Module, d: Dist) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics), so a sharded evaluation sees one model."""
+    if d.world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def evaluate_dataset(model: nn.Module, ds: Any, collate: Callable, cfg: TrainConfig, device: torch.device,
+                     classes: list[str], d: Dist = Dist(), amp: bool = False, tta: bool = False) -> dict[str, Any] | None:
+    """Classification metrics of `model` on a labelled dataset, through the predict path (predict_probs).
+
+    Under torchrun each process predicts every world-th example and rank 0 gathers them, so no
+    process waits long for another; rank 0 gets the metrics, the others None.
+    """
+    part = ds if d.world == 1 else Subset(ds, list(range(d.rank, len(ds), d.world)))
+    loader = DataLoader(part, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0)
+    ys: list[torch.Tensor] = []
+
+    def inputs() -> Iterable[dict[str, torch.Tensor]]:
+        for batch in loader:
+            if batch is None:
+                continue
+            x, y = batch
+            ys.append(y)
+            yield x
+
+    probs = predict_probs(TorchBackend(model, device, amp), inputs(), tta)
+    y = torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64)
+    if d.world > 1:  # interleave the shards back into dataset order
+        parts = gather((probs, y), d)
+        if not d.main:
+            return None
+        n = sum(len(py) for _, py in parts)
+        probs = np.zeros((n, len(classes)), dtype=np.float32)
+        y = np.zeros(n, dtype=np.int64)
+        for r, (pp, py) in enumerate(parts):
+            probs[r::d.world][: len(py)] = pp
+            y[r::d.world][: len(py)] = py
+    return classification_metrics(y, probs, classes, top_k=cfg.top_k, loss=cross_entropy(probs, y))
+
+
+# --- the run --------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_dir: Path
+    best_epoch: int
+    valid: dict[str, Any]
+    test: dict[str, Any] | None
+    skipped: int
+    seconds: float
+
+
 def model_config(cfg: TrainConfig, data: TaskData, model_name: str, model_args: dict[str, Any]) -> dict[str, Any]:
-    """The config.json of a model folder: everything needed to rebuild and feed the model."""
+    """The config.json of a model folder: everything needed to rebuild, feed and evaluate the model."""
     return {
         "task": data.task,
         "model": {"name": model_name, "args": model_args},
         "classes": list(data.classes),
         "preprocessing": data.preprocessor.to_config(),
+        "inputs": data.preprocessor.inputs(),
+        "evaluation": {"tta": bool(cfg.tta), "top_k": cfg.top_k},
         "training": {"data": cfg.data, "seed": cfg.seed, "epochs": cfg.epochs},
     }
 
 
-def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
+def show_progress(cfg: TrainConfig, d: Dist) -> bool:
+    """A progress bar only for a person watching: rank 0, --progress, and stderr a terminal (not a log file)."""
+    return cfg.progress and d.main and sys.stderr.isatty()
+
+
+def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: Step | None = None,
+        on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
     """Train, validate every epoch, keep the best model folder, evaluate it on test.
 
+    model: an already built model to train (default: built from cfg.model and data.model_args).
+    step: the training step (default `standard_step`). data.batches: a BatchSource (default: a DataLoader).
     on_epoch(epoch, valid_metrics), if given, is called on rank 0 at the end of every epoch
     (1-based), after the epoch's files (metrics, best model folder, state.pt) are written.
     An exception it raises ends the run and propagates out of `fit`; `duoclass tune` raises
@@ -409,26 +445,31 @@ def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any
 
     # model, loss, optimizer, schedule
     model_args = {k: v for k, v in data.model_args.items() if v is not None}
-    model_args["dropout"] = cfg.dropout
-    build_args = dict(model_args, pretrained=cfg.pretrained) if cfg.pretrained else model_args
-    model_name = resolve_name(cfg.model)
-    model = create_model(model_name, len(data.classes), **build_args)
+    model_name = data.model_name or resolve_name(cfg.model)
+    if model is None:
+        model_args["dropout"] = cfg.dropout
+        build_args = dict(model_args, pretrained=cfg.pretrained) if cfg.pretrained else model_args
+        model = create_model(model_name, len(data.classes), **build_args)
     model.to(device)
     weights = class_weights(data.train_labels, len(data.classes), cfg.class_weights)
     if weights is not None and d.main:
         log.info("class weights (%s, imbalanced data): %s", cfg.class_weights, ", ".join(f"{c}={w:.2f}" for c, w in zip(data.classes, weights.tolist())))
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, label_smoothing=cfg.label_smoothing)
-    eval_loss = nn.CrossEntropyLoss()
     optimizer = make_optimizer(model, cfg)
-    workers = cfg.workers if cfg.workers >= 0 else (0 if getattr(data.train, "cache", None) is not None else min(4, os.cpu_count() or 1))
-    steps_per_epoch = len(make_loader(data.train, cfg, data.collate, True, 0, d, 0))
-    scheduler, sched_when = make_schedule(optimizer, cfg, steps_per_epoch)
+    source = data.batches or LoaderSource(data.train, data.collate, cfg, d, default_workers(cfg, data.train))
+    scheduler, sched_when = make_schedule(optimizer, cfg, len(source))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp and not torch.cuda.is_bf16_supported() else None
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     train_model: nn.Module = model
     if d.world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ctx = StepContext(train_model, loss_fn, device, use_amp, scaler)
+    step = step or standard_step
+    evaluate = data.evaluate or (lambda m, split: evaluate_dataset(
+        m, getattr(data, split), data.collate, cfg, device, data.classes, d, use_amp, cfg.tta))
+    save = data.save or (lambda folder, m, metrics: save_model_folder(
+        folder, m.state_dict(), model_config(cfg, data, model_name, model_args), metrics=metrics, extra_files=data.extra_files))
 
     # resume
     epoch0, best, best_epoch, bad_epochs, history = 0, None, 0, 0, []
@@ -442,6 +483,7 @@ def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any
         if ema is not None and st.get("ema"):
             ema.model.load_state_dict(st["ema"])
         epoch0, best, best_epoch, bad_epochs = st["epoch"], st["best"], st["best_epoch"], st["bad_epochs"]
+        ctx.step = st.get("step", epoch0 * len(source))
         history = json.loads(st["history"])
         set_rng_state(st["rng"][min(d.rank, len(st["rng"]) - 1)])
         if d.main:
@@ -451,49 +493,45 @@ def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any
 
     writer = _tensorboard(run_dir / "tensorboard") if (cfg.tensorboard and d.main) else None
     if d.main:
+        n_test = len(data.test) if data.test is not None else 0
         log.info(
             "%s: %s, %d classes, train %d / valid %d / test %d, %s parameters, device %s%s",
-            data.task, model_name, len(data.classes), len(data.train), len(data.valid),
-            len(data.test) if data.test is not None else 0, f"{count_params(model):,}", device,
-            f" x {d.world} processes" if d.world > 1 else "",
+            data.task, model_name, len(data.classes), len(data.train), len(data.valid), n_test,
+            f"{count_params(model):,}", device, f" x {d.world} processes" if d.world > 1 else "",
         )
         for note in data.notes:
             log.info("%s", note)
 
     for epoch in range(epoch0, cfg.epochs):
+        if cfg.max_steps and ctx.step >= cfg.max_steps:
+            break
         t0 = time.time()
-        if hasattr(data.train, "set_epoch"):  # per-epoch randomness of the dataset itself (text augmentation)
-            data.train.set_epoch(epoch)
-        loader = make_loader(data.train, cfg, data.collate, True, epoch, d, workers)
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and d.main), leave=False, dynamic_ncols=True)
-        train_loss = train_one_epoch(
-            train_model, loader, optimizer, loss_fn, device, scheduler if sched_when == "step" else None,
-            scaler, use_amp, cfg.grad_clip, ema, bar, data.augment,
-        )
+        ctx.epoch = epoch
+        bar = tqdm(total=len(source), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_progress(cfg, d),
+                   leave=False, dynamic_ncols=True)
+        train_loss = train_one_epoch(ctx, source.epoch(epoch), optimizer, step, scheduler if sched_when == "step" else None,
+                                     cfg.grad_clip, ema, bar, data.augment, cfg.max_steps)
         bar.close()
-        # validation on rank 0 with the full valid set; decisions are broadcast
+        # validation: every process predicts a share, rank 0 decides; its decisions are broadcast
         eval_model = ema.model if ema is not None else model
+        sync_buffers(eval_model, d)
+        vm = evaluate(eval_model, "valid")
         stop = False
         if d.main:
-            vloader = make_loader(data.valid, cfg, data.collate, False, epoch, Dist(), 0)
-            vm = evaluate(eval_model, vloader, device, data.classes, cfg.top_k, eval_loss, use_amp, cfg.tta)
-            if cfg.select_metric not in vm or not isinstance(vm[cfg.select_metric], float):
-                raise DuoclassError(f"--select-metric: unknown metric {cfg.select_metric!r}; use balanced_accuracy, accuracy, f1_macro, loss, ...")
             score = vm[cfg.select_metric]
             improved, best, bad_epochs = select(cfg.select_metric, score, best, bad_epochs)
             if improved:
                 best_epoch = epoch + 1
-                save_model_folder(model_dir, eval_model.state_dict(), model_config(cfg, data, model_name, model_args),
-                                  metrics={"epoch": epoch + 1, "valid": vm}, extra_files=data.extra_files)
+                save(model_dir, eval_model, {"epoch": epoch + 1, "valid": vm})
             row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "lr": optimizer.param_groups[0]["lr"],
                    **{f"valid_{k}": v for k, v in vm.items() if isinstance(v, float)}, "seconds": round(time.time() - t0, 2)}
             history.append(row)
-            log.info(
-                "epoch %d/%d  train_loss %.4f  valid_loss %.4f  valid_acc %.4f  valid_f1 %.4f%s%s  (%.1fs)",
-                epoch + 1, cfg.epochs, train_loss, vm.get("loss", float("nan")), vm["accuracy"], vm["f1_macro"],
-                "" if cfg.select_metric in ("loss", "accuracy", "f1_macro") else f"  valid_{cfg.select_metric} {score:.4f}",
-                "  *best*" if improved else "", time.time() - t0,
-            )
+            shown = [m for m in ("loss", "accuracy", "f1_macro") if m in vm]
+            if cfg.select_metric not in shown:
+                shown.append(cfg.select_metric)
+            log.info("epoch %d/%d  train_loss %.4f  %s%s  (%.1fs)", epoch + 1, cfg.epochs, train_loss,
+                     "  ".join(f"valid_{m.replace('accuracy', 'acc').replace('f1_macro', 'f1')} {vm[m]:.4f}" for m in shown),
+                     "  *best*" if improved else "", time.time() - t0)
             if writer is not None:
                 for k, v in row.items():
                     if k != "epoch":
@@ -509,12 +547,12 @@ def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any
                 g["lr"] = lr
         stop = d.broadcast(stop)
         # every rank contributes its RNG state; rank 0 writes the state file
-        rngs = _gather(rng_state(), d)
+        rngs = gather(rng_state(), d)
         if d.main:
             save_state(state_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {}, "ema": ema.model.state_dict() if ema else {},
-                "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                "epoch": epoch + 1, "step": ctx.step, "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "history": json.dumps(history), "rng": rngs,
             })
         d.barrier()
@@ -532,34 +570,39 @@ def fit(cfg: TrainConfig, data: TaskData, on_epoch: Callable[[int, dict[str, Any
     if writer is not None:
         writer.close()
 
-    result = None
-    if d.main:
-        result = _finish(cfg, data, run_dir, model_dir, device, best_epoch, history, start, use_amp)
+    finish = data.finish or finish_classification
+    result = finish(cfg, data, run_dir, model_dir, device, best_epoch, history, start, d)
     d.barrier()
     return result  # type: ignore[return-value]
 
 
-def _finish(cfg: TrainConfig, data: TaskData, run_dir: Path, model_dir: Path, device: torch.device,
-            best_epoch: int, history: list[dict], start: float, amp: bool) -> RunResult:
-    """Evaluate the saved best model folder (the artifact users get) on valid and test; write reports."""
-    from .api import load
+def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model_dir: Path, device: torch.device,
+                          best_epoch: int, history: list[dict], start: float, d: Dist) -> RunResult | None:
+    """Evaluate the saved best model folder (the artifact users get) on valid and test; write reports (rank 0)."""
+    from . import checkpoint
+    from .classifier import Classifier
+
+    if not d.main:
+        return None
     from .report import plot_confusion, plot_curves
 
-    clf = load(model_dir, device=str(device))
-    vloader = make_loader(data.valid, cfg, data.collate, False, 0, Dist(), 0)
-    valid = evaluate(clf.model, vloader, device, data.classes, cfg.top_k, nn.CrossEntropyLoss(), amp, cfg.tta)
+    clf = Classifier.from_folder(model_dir, device=str(device))
+    tta = clf.tta
+    valid = evaluate_dataset(clf.model, data.valid, data.collate, cfg, device, data.classes, tta=tta)
     test = None
     if data.test is not None:
-        tloader = make_loader(data.test, cfg, data.collate, False, 0, Dist(), 0)
-        test = evaluate(clf.model, tloader, device, data.classes, cfg.top_k, nn.CrossEntropyLoss(), amp, cfg.tta)
+        test = evaluate_dataset(clf.model, data.test, data.collate, cfg, device, data.classes, tta=tta)
     skipped = len([s for s in data.skipped if getattr(s, "status", "bad") == "bad"]) + getattr(data.collate, "dropped", 0)
     ignored = len([s for s in data.skipped if getattr(s, "status", "") == "ignored"])
     seconds = time.time() - start
     summary = {"best_epoch": best_epoch, "valid": valid, "test": test, "skipped_files": skipped,
                "ignored_files": ignored, "seconds": round(seconds, 1), "model_dir": str(model_dir)}
     atomic_write_json(run_dir / "metrics.json", summary)
-    # the model folder carries the final evaluation too (its hash list does not cover metrics.json)
-    atomic_write_json(model_dir / "metrics.json", {"epoch": best_epoch, "valid": valid, "test": test})
+    metrics = {"epoch": best_epoch, "valid": valid, "test": test}
+    if hasattr(checkpoint, "update_model_folder_metrics"):
+        checkpoint.update_model_folder_metrics(model_dir, metrics)
+    else:
+        atomic_write_json(model_dir / "metrics.json", metrics)
     if data.skipped:
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -579,14 +622,6 @@ def _finish(cfg: TrainConfig, data: TaskData, run_dir: Path, model_dir: Path, de
         log.warning("skipped %d unusable files and %d non-image files; see %s", skipped, ignored, run_dir / "skipped.csv")
     log.info("model folder: %s (%.1f s)", model_dir, seconds)
     return RunResult(run_dir, model_dir, best_epoch, valid, test, skipped, seconds)
-
-
-def _gather(obj: Any, d: Dist) -> list[Any]:
-    if d.world == 1:
-        return [obj]
-    out: list[Any] = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:

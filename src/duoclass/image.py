@@ -12,10 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,9 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from .data.clean import DEFAULT_MAX_PIXELS, BadImage, decode_image
+from .config import PRESETS, Augment, resolve_augment  # noqa: F401  (the presets are settings; re-exported)
+from .data.clean import BadImage, decode_image
 from .data.sources import ByteReader, display
 from .errors import DuoclassError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessor, to_uint8
 
 
 if TYPE_CHECKING:
@@ -35,37 +34,6 @@ log = logging.getLogger("duoclass")
 
 SMALL_IMAGE = 64  # datasets whose images are at most this size train at native size
 CACHE_BYTES = 3 * 1024**3  # keep decoded training data in memory up to this size
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Random augmentation sizes. 0 switches an augmentation off."""
-
-    rotation: float = 0.0  # max degrees
-    translate: float = 0.0  # fraction of the size
-    scale: float = 0.0  # zoom range: 1 +- scale
-    hflip: float = 0.0  # probability
-    vflip: float = 0.0  # probability
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength
-    random_resized_crop: float = 0.0  # min kept area; 0 = off
-
-
-PRESETS: dict[str, Augment] = {
-    # The founding document's list: rotation, translation, flips, scaling, colour jitter.
-    "default": Augment(rotation=15, translate=0.1, scale=0.1, hflip=0.5, vflip=0.0, color_jitter=0.2),
-    "light": Augment(translate=0.1, hflip=0.5),
-    "flip": Augment(hflip=0.5),
-    # For data without an up (microscopy, aerial, ...).
-    "all": Augment(rotation=30, translate=0.1, scale=0.15, hflip=0.5, vflip=0.5, color_jitter=0.2),
-    "crop": Augment(random_resized_crop=0.35, hflip=0.5, color_jitter=0.2),
-    "none": Augment(),
-}
-
-
-def resolve_augment(cfg: Any) -> Augment:
-    aug = PRESETS[cfg.augment]
-    over = {k: getattr(cfg, k) for k in aug.__dataclass_fields__ if getattr(cfg, k, None) is not None}
-    return replace(aug, **over)
 
 
 class BatchAugment:
@@ -146,58 +114,8 @@ EVAL_TRANSFORM = to_float
 
 
 def to_uint8_tensor(im: Image.Image, size: int) -> torch.Tensor:
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    a = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()  # (3, S, S)
-
-
-class ImagePreprocessor:
-    """Turns raw images (paths, bytes, PIL images, arrays) into model inputs."""
-
-    task = "image"
-
-    def __init__(self, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.image_size = int(image_size)
-        self.max_pixels = max_pixels
-        self._read = ByteReader()
-
-    def to_config(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "resize": "bilinear-square", "scale": "0-1", "channels": "RGB"}
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any], folder: Path | None = None) -> "ImagePreprocessor":
-        return cls(int(cfg["image_size"]))
-
-    def load(self, item: Any) -> torch.Tensor:
-        """One raw input -> uint8 (3, S, S). Raises DuoclassError naming the input when unusable."""
-        if isinstance(item, Image.Image):
-            im = decode_image(_png_bytes(item), self.max_pixels)
-        elif isinstance(item, np.ndarray):
-            im = decode_image(_png_bytes(Image.fromarray(item)), self.max_pixels)
-        else:
-            ref = item if isinstance(item, str) else os.fspath(item) if isinstance(item, os.PathLike) else None
-            try:
-                data = item if isinstance(item, (bytes, bytearray)) else self._read(ref)  # type: ignore[arg-type]
-            except (OSError, KeyError) as e:
-                raise DuoclassError(f"{display(str(ref))}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-            except TypeError:
-                raise DuoclassError(f"cannot use {type(item).__name__} as an image; pass a path, bytes or PIL image") from None
-            try:
-                im = decode_image(bytes(data), self.max_pixels)
-            except BadImage as e:
-                where = display(ref) if ref else "image bytes"
-                raise DuoclassError(f"{where}: {e}") from None
-        return to_uint8_tensor(im, self.image_size)
-
-    def collate(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.stack([EVAL_TRANSFORM(t) for t in tensors])}
-
-
-def _png_bytes(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
+    """RGB image -> uint8 tensor (3, S, S): the same pixels the predict path gets from ImagePreprocessor.load."""
+    return torch.from_numpy(to_uint8(im, size))
 
 
 class ImageDataset(TorchDataset):
@@ -307,7 +225,7 @@ def prepare_images(cfg: Any) -> "TaskData":
     if fits:
         mean, std = channel_stats(train.cache)  # type: ignore[arg-type]
     else:
-        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if cfg.model.startswith("timm:") and cfg.pretrained:
         mean, std = None, None  # keep the pretrained model's own constants
     pre = ImagePreprocessor(size)

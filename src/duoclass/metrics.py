@@ -1,9 +1,34 @@
-"""Pure metric functions on labels and probabilities."""
+"""Pure metric functions on labels and probabilities.
+
+numpy and scikit-learn are imported inside the functions, so the settings (which check
+`--select-metric` against `selectable_metrics`) import this module cheaply.
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+# The float-valued scores of `classification_metrics` that can pick the best checkpoint
+# (--select-metric), plus the validation loss. The top-k accuracy is selectable too, under
+# the name `topk_name(k)`.
+SELECTABLE_METRICS: tuple[str, ...] = (
+    "balanced_accuracy", "accuracy",
+    "f1_macro", "precision_macro", "recall_macro",
+    "f1_weighted", "precision_weighted", "recall_weighted",
+    "loss",
+)
+
+
+def topk_name(k: int) -> str:
+    """The key of the top-k accuracy in `classification_metrics` (k is capped at the number of classes there)."""
+    return f"top{k}_accuracy"
+
+
+def selectable_metrics(top_k: int = 5) -> list[str]:
+    """Every name --select-metric accepts, for --top-k `top_k`."""
+    return [*SELECTABLE_METRICS, topk_name(top_k)]
 
 
 def classification_metrics(
@@ -18,6 +43,7 @@ def classification_metrics(
 
     y_true: (N,) int class ids; probs: (N, C) probabilities.
     """
+    import numpy as np
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -42,7 +68,7 @@ def classification_metrics(
     k = min(top_k, n_classes)
     if len(y_true):
         topk = np.argsort(-probs, axis=1)[:, :k]
-        out[f"top{k}_accuracy"] = float((topk == y_true[:, None]).any(axis=1).mean())
+        out[topk_name(k)] = float((topk == y_true[:, None]).any(axis=1).mean())
     out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     out["classes"] = list(classes)
     return out

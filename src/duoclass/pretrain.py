@@ -9,81 +9,37 @@ an ALBERT of the albert-scratch-* size is built; continued pretraining loads an 
 (or a reachable hub id) with its tokenizer. Masking follows BERT: 15% of the non-special
 tokens are predicted; of those 80% become [MASK], 10% a random token, 10% stay.
 
-The output folder holds config.json, model.safetensors, the tokenizer files, and
-pretrain.json (settings and the loss per logged step). It is written next to DIR and
-renamed into place when complete.
+Pretraining runs through the same engine as classification (engine.fit, with a given model,
+a masked-LM step and its own evaluation), so it has mixed precision, resume (--resume DIR),
+DDP and validation: a share of the corpus is held out and the masked-LM loss on it is measured
+every epoch. DIR is a run folder like `duoclass train`'s (config.yaml, metrics.csv, state.pt);
+DIR/model/ is the Hugging Face folder (config.json, model.safetensors, the tokenizer files, and
+pretrain.json with the settings and the loss per epoch) of the epoch with the lowest valid
+loss, replaced atomically. `--model DIR` and `--model DIR/model` both fine-tune it.
 
 CPU example:  duoclass pretrain ../shared/data/text/sms_spam/train.csv --output runs/mlm --max-steps 200
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from .config import PretrainConfig, TrainConfig
 from .errors import DuoclassError
 
 log = logging.getLogger("duoclass")
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class PretrainConfig:
-    """Settings for masked-language-model pretraining."""
-
-    corpus: str = _f("", "unlabelled text: a .txt file (one text per line), a CSV/TSV/JSONL, or a text dataset folder",
-                     positional=True)
-    output: str = _f("runs/pretrain", "folder to write (Hugging Face format: config.json, model.safetensors, tokenizer)")
-    model: str = _f("albert-scratch-tiny", "albert-scratch-tiny|small to start from scratch, or an HF folder / hf:<id> to continue")
-    text_column: str = _f("text", "column holding the text (CSV/TSV/JSONL corpora)")
-    epochs: int = _f(1, "passes over the corpus")
-    max_steps: int = _f(0, "stop after this many optimizer steps; 0 = run all epochs")
-    batch_size: int = _f(32, "texts per step")
-    lr: float = _f(5e-4, "peak learning rate (linear warmup, then linear decay)")
-    weight_decay: float = _f(0.01, "decoupled weight decay (AdamW)")
-    warmup: float = _f(0.06, "warmup length as a fraction of all steps")
-    max_length: int = _f(128, "maximum tokens per text")
-    mlm_probability: float = _f(0.15, "share of tokens to predict")
-    vocab_size: int = _f(8000, "vocabulary size of the tokenizer trained from scratch")
-    lowercase: bool = _f(True, "lowercase text for the tokenizer trained from scratch")
-    seed: int = _f(0, "random seed")
-    device: str = _f("auto", "where to train: auto, cpu, cuda, mps")
-    log_every: int = _f(50, "log the loss every N steps")
-
-    def __post_init__(self) -> None:
-        def bad(name: str, msg: str) -> None:
-            raise DuoclassError(f"--{name.replace('_', '-')}: {msg}")
-
-        for name in ("epochs", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                bad(name, f"got {getattr(self, name)}; must be a positive integer")
-        if self.max_steps < 0:
-            bad("max_steps", f"got {self.max_steps}; must be >= 0 (0 = all epochs)")
-        if not self.lr > 0:
-            bad("lr", f"got {self.lr}; the learning rate must be > 0, e.g. --lr 5e-4")
-        if self.weight_decay < 0:
-            bad("weight_decay", f"got {self.weight_decay}; must be >= 0")
-        if not 0 <= self.warmup < 1:
-            bad("warmup", f"got {self.warmup}; a fraction in [0, 1), e.g. 0.06")
-        if not 8 <= self.max_length <= 512:
-            bad("max_length", f"got {self.max_length}; use 8 to 512")
-        if not 0 < self.mlm_probability < 1:
-            bad("mlm_probability", f"got {self.mlm_probability}; use a share in (0, 1), e.g. 0.15")
-        if self.vocab_size < 100:
-            bad("vocab_size", f"got {self.vocab_size}; use at least 100")
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            bad("device", f"got {self.device!r}; choose one of: auto, cpu, cuda, mps")
 
 
 def read_corpus(path: str | Path, text_column: str = "text") -> list[str]:
@@ -135,84 +91,176 @@ def mask_tokens(ids: torch.Tensor, maskable: torch.Tensor, mask_id: int, vocab_s
     return inputs, labels
 
 
-def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Run MLM pretraining and write the HF folder `cfg.output`. Returns a summary."""
-    from .engine import adam, pick_device
-    from .models.text_models import ALBERT_SIZES, albert_config, is_hf_folder, transformers_module
+class MaskedLM(nn.Module):
+    """A transformers masked-LM behind the engine's dict contract: {"input_ids", "attention_mask"} -> logits (B, L, V)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+class MaskingCollate:
+    """Pad a batch of token ids and mask it (BERT masking); labels (B, L) are -100 where nothing is predicted.
+
+    Training batches draw from torch's global generator (restored on --resume); `fixed_seed` makes every
+    call mask the same way (validation)."""
+
+    def __init__(self, pad_id: int, special: torch.Tensor, mask_id: int, vocab_size: int, p: float,
+                 fixed_seed: int | None = None):
+        self.pad_id, self.special, self.mask_id, self.vocab_size, self.p = pad_id, special, mask_id, vocab_size, p
+        self.fixed_seed = fixed_seed
+
+    def __call__(self, items: list[tuple[list[int], int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        n = max(len(x) for x, _ in items)
+        ids = torch.full((len(items), n), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, (x, _) in enumerate(items):
+            ids[i, : len(x)] = torch.tensor(x)
+            attn[i, : len(x)] = 1
+        maskable = attn.bool() & ~torch.isin(ids, self.special)
+        g = torch.Generator().manual_seed(self.fixed_seed + sum(map(len, (x for x, _ in items))))\
+            if self.fixed_seed is not None else torch.default_generator
+        inputs, labels = mask_tokens(ids, maskable, self.mask_id, self.vocab_size, self.p, g)
+        return {"input_ids": inputs, "attention_mask": attn}, labels
+
+
+def mlm_step(ctx: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """The training step of masked-LM pretraining: cross-entropy over the masked positions only."""
+    logits = ctx.forward(inputs)  # (B, L, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    ctx.backward(loss)
+    return loss.detach()
+
+
+def _tokenizer_and_model(cfg: PretrainConfig, texts: list[str], d: Any) -> tuple[Any, Any, str]:
+    """(tokenizer, masked-LM model, description). A tokenizer trained here is trained once, on rank 0."""
+    from .models.text_models import ALBERT_SIZES, albert_config, is_hf_folder, load_hf_config, transformers_module
     from .text import load_hf_tokenizer, train_tokenizer
 
     tf = transformers_module()
-    start = time.time()
-    torch.manual_seed(cfg.seed)
-    texts = read_corpus(cfg.corpus, cfg.text_column)
     size = cfg.model[len("albert-scratch-"):] if cfg.model.startswith("albert-scratch-") else None
     if size is not None:
         if size not in ALBERT_SIZES:
             raise DuoclassError(f"--model {cfg.model}: unknown size; use {', '.join('albert-scratch-' + s for s in ALBERT_SIZES)}")
-        tok, how = train_tokenizer(texts, cfg.vocab_size, cfg.lowercase)
-        model = tf.AlbertForMaskedLM(albert_config(size, len(tok), tok.pad_token_id))
-        source = f"{cfg.model} ({how} tokenizer, {len(tok)} tokens)"
-    else:
-        src = cfg.model[len("hf:"):] if cfg.model.startswith("hf:") else cfg.model
-        if Path(src).exists() and not is_hf_folder(src):
-            raise DuoclassError(f"{src}: not a Hugging Face model folder (no config.json with a model_type)")
-        from .models.text_models import load_hf_config
+        tok, how = train_tokenizer(texts, cfg.vocab_size, cfg.lowercase) if d.main else (None, "")
+        if d.world > 1:  # every process must hold rank 0's vocabulary
+            from tokenizers import Tokenizer
 
-        config = load_hf_config(src)
-        tok = load_hf_tokenizer(src)
-        try:
-            model = tf.AutoModelForMaskedLM.from_pretrained(src, config=config)
-        except (OSError, ValueError) as e:
-            raise DuoclassError(f"{src}: cannot load it as a masked language model ({str(e).splitlines()[0]})") from None
-        source = src
+            shared = d.broadcast((tok.backend_tokenizer.to_str(), how) if d.main else None)
+            if not d.main:
+                tok = tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(shared[0]), unk_token="[UNK]",
+                                                 pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+                how = shared[1]
+        model = tf.AlbertForMaskedLM(albert_config(size, len(tok), tok.pad_token_id))
+        return tok, model, f"{cfg.model} ({how} tokenizer, {len(tok)} tokens)"
+    src = cfg.model[len("hf:"):] if cfg.model.startswith("hf:") else cfg.model
+    if Path(src).exists() and not is_hf_folder(src):
+        raise DuoclassError(f"{src}: not a Hugging Face model folder (no config.json with a model_type)")
+    config = load_hf_config(src)
+    tok = load_hf_tokenizer(src)
+    try:
+        model = tf.AutoModelForMaskedLM.from_pretrained(src, config=config)
+    except (OSError, ValueError) as e:
+        raise DuoclassError(f"{src}: cannot load it as a masked language model ({str(e).splitlines()[0]})") from None
+    return tok, model, src
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run masked-LM pretraining through engine.fit; DIR/model is the HF folder of the best epoch. Returns a summary."""
+    from .backends import pick_device
+    from .data.splits import TaskData
+    from .distributed import init_distributed
+    from .engine import RunResult, fit
+    from .text import TextDataset
+
+    start = time.time()
+    torch.manual_seed(cfg.seed)
+    if cfg.resume and not (Path(cfg.resume) / "state.pt").is_file():
+        raise DuoclassError(f"{Path(cfg.resume) / 'state.pt'}: no training state to resume from; pass the --output of an earlier run")
+    out = Path(cfg.output)
+    if out.is_dir() and any(out.iterdir()) and not cfg.resume and not (out / "config.yaml").is_file():
+        raise DuoclassError(f"{out}: exists and was not written by duoclass; pass a new --output")
+    texts = read_corpus(cfg.corpus, cfg.text_column)
+    d = init_distributed(pick_device(cfg.device))
+    tok, net, source = _tokenizer_and_model(cfg, texts, d)
     if tok.mask_token_id is None:
         raise DuoclassError(f"{cfg.model}: the tokenizer has no mask token; masked-language-model pretraining needs one")
-    limit = getattr(model.config, "max_position_embeddings", cfg.max_length)
+    limit = getattr(net.config, "max_position_embeddings", cfg.max_length)
     encoded = [x for x in tok(texts, truncation=True, max_length=min(cfg.max_length, limit))["input_ids"] if len(x) > 2]
     if not encoded:
         raise DuoclassError(f"{cfg.corpus}: every text is empty after tokenization")
-    device = pick_device(cfg.device)
-    model.to(device).train()
-    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    opt = adam(model, cfg.lr, cfg.weight_decay)
-    warm = max(1, int(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    # hold out a seeded share of the corpus for validation (the whole corpus when it is tiny)
+    order = list(range(len(encoded)))
+    random.Random(cfg.seed).shuffle(order)
+    n_valid = min(1000, round(len(encoded) * cfg.valid_fraction)) if len(encoded) >= 20 else 0
+    held, kept = sorted(order[:n_valid]), sorted(order[n_valid:])
+    train_ids = [encoded[i] for i in kept]
+    valid_ids = [encoded[i] for i in held] if held else train_ids
     special = torch.tensor(sorted(set(tok.all_special_ids)))
-    g = torch.Generator().manual_seed(cfg.seed)
-    log.info("pretrain: %s, %d texts, %d steps, %s parameters, device %s", source, len(encoded), total,
-             f"{sum(p.numel() for p in model.parameters()):,}", device)
-    history, step, running = [], 0, 0.0
-    while step < total:
-        for idx in torch.randperm(len(encoded), generator=g).split(cfg.batch_size):
-            batch = [encoded[i] for i in idx.tolist()]
-            n = max(len(x) for x in batch)
-            ids = torch.full((len(batch), n), tok.pad_token_id, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for i, x in enumerate(batch):
-                ids[i, : len(x)] = torch.tensor(x)
-                attn[i, : len(x)] = 1
-            maskable = attn.bool() & ~torch.isin(ids, special)
-            inputs, labels = mask_tokens(ids, maskable, tok.mask_token_id, len(tok), cfg.mlm_probability, g)
-            out = model(input_ids=inputs.to(device), attention_mask=attn.to(device), labels=labels.to(device))
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            running += out.loss.item()
-            if step % cfg.log_every == 0 or step == total:
-                k = step % cfg.log_every or cfg.log_every
-                history.append({"step": step, "loss": round(running / k, 5), "lr": opt.param_groups[0]["lr"]})
-                log.info("step %d/%d  mlm_loss %.4f", step, total, running / k)
-                running = 0.0
-            if step >= total:
-                break
-    summary = {"output": str(cfg.output), "source": source, "texts": len(encoded), "steps": step,
-               "final_loss": history[-1]["loss"] if history else None, "seconds": round(time.time() - start, 1)}
-    _write_folder(Path(cfg.output), model, tok, {"settings": asdict(cfg), "history": history, **summary})
-    return summary
+    collate = MaskingCollate(tok.pad_token_id, special, tok.mask_token_id, len(tok), cfg.mlm_probability)
+    valid_collate = MaskingCollate(tok.pad_token_id, special, tok.mask_token_id, len(tok), cfg.mlm_probability, cfg.seed)
+    spe = math.ceil(len(train_ids) / cfg.batch_size)
+    total = spe * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, spe * cfg.epochs)
+    tcfg = TrainConfig(
+        data=str(cfg.corpus), task="text", model=cfg.model, epochs=cfg.epochs, max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule="linear",
+        warmup_epochs=cfg.warmup * total / spe, label_smoothing=0.0, class_weights="none", grad_clip=1.0,
+        select_metric="loss", output=cfg.output, resume=cfg.resume, seed=cfg.seed, device=cfg.device, workers=0,
+        amp=cfg.amp, tensorboard=cfg.tensorboard, progress=cfg.progress, dropout=0.1, length_buckets=False,
+    )
+    history: list[dict[str, Any]] = []
+    device = pick_device(cfg.device)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module, split: str) -> dict[str, float]:
+        """Masked-LM loss and masked-token accuracy on the held-out texts (the same masking every epoch)."""
+        from .backends import autocast
+
+        model.eval()
+        loss_sum, right, count = 0.0, 0, 0
+        for i in range(0, len(valid_ids), cfg.batch_size):
+            x, y = valid_collate([(t, 0) for t in valid_ids[i : i + cfg.batch_size]])
+            with autocast(device, tcfg.amp):
+                logits = model({k: v.to(device) for k, v in x.items()}).float()
+            y = y.to(device)
+            picked = y != -100
+            loss_sum += float(F.cross_entropy(logits[picked], y[picked], reduction="sum"))
+            right += int((logits[picked].argmax(-1) == y[picked]).sum())
+            count += int(picked.sum())
+        return {"loss": loss_sum / max(count, 1), "accuracy": right / max(count, 1)}
+
+    def save(folder: Path, model: nn.Module, metrics: dict[str, Any]) -> None:
+        history.append({"epoch": metrics["epoch"], **metrics["valid"]})
+        _write_folder(folder, model.net, tok, {"settings": dataclasses.asdict(cfg), "source": source,
+                                                "texts": len(train_ids), "best": metrics})
+
+    def finish(tc: TrainConfig, data: Any, run_dir: Path, model_dir: Path, dev: Any, best_epoch: int,
+               hist: list[dict], t0: float, dd: Any) -> RunResult | None:
+        if not dd.main:
+            return None
+        from .checkpoint import atomic_write_json
+
+        last = hist[-1] if hist else {}
+        summary = {"best_epoch": best_epoch, "history": hist, "seconds": round(time.time() - t0, 1)}
+        atomic_write_json(run_dir / "metrics.json", summary)
+        best = next((h for h in hist if h["epoch"] == best_epoch), last)
+        valid = {"loss": best.get("valid_loss"), "accuracy": best.get("valid_accuracy")}
+        return RunResult(run_dir, model_dir, best_epoch, valid, None, 0, time.time() - t0)
+
+    data = TaskData(task="mlm", classes=["-"] * 2, train=TextDataset(train_ids, [0] * len(train_ids)),
+                    valid=TextDataset(valid_ids, [0] * len(valid_ids)), test=None, collate=collate, preprocessor=None,
+                    model_args={}, train_labels=[], model_name=cfg.model, evaluate=evaluate, save=save, finish=finish,
+                    notes=[f"pretrain: {source}, {len(train_ids)} texts ({len(held) or 'no'} held out for validation), "
+                           f"{total} steps"])
+    result = fit(tcfg, data, model=MaskedLM(net), step=mlm_step)
+    if result is None:  # a non-zero rank under torchrun
+        return {}
+    return {"output": str(cfg.output), "model_dir": str(result.model_dir), "source": source, "texts": len(train_ids),
+            "held_out": len(held), "steps": total, "best_epoch": result.best_epoch, "valid_loss": result.valid["loss"],
+            "seconds": round(time.time() - start, 1)}
 
 
 def _write_folder(out: Path, model: Any, tok: Any, info: dict[str, Any]) -> None:
@@ -224,7 +272,7 @@ def _write_folder(out: Path, model: Any, tok: Any, info: dict[str, Any]) -> None
         raise DuoclassError(f"{out}: exists and was not written by `duoclass pretrain`; pass a new --output")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.cpu().save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "pretrain.json", info)
         if out.exists():

@@ -162,13 +162,23 @@ class CleanReport:
     ignored: int
     quarantined: int
     findings: list[Finding]
+    outside_root: int = 0  # files to quarantine that lie outside the data root: reported, never moved
 
     def summary(self) -> str:
         return (
             f"{self.root}: {self.total} files checked: {self.ok} ok, {self.converted} converted on load, "
             f"{self.bad} bad, {self.duplicates} duplicates, {self.ignored} non-image files"
             + (f"; {self.quarantined} moved to quarantine" if self.quarantined else "")
+            + (f"; {self.outside_root} outside the data root not moved" if self.outside_root else "")
         )
+
+
+def inside_root(path: Path, root: Path) -> bool:
+    """Whether `path` lies in `root` once `..` and every symlinked folder are resolved.
+
+    The file itself may be a symlink: moving it moves the link, never its target.
+    """
+    return path.parent.resolve().is_relative_to(root.resolve())
 
 
 def clean(
@@ -181,7 +191,9 @@ def clean(
 ) -> CleanReport:
     """Check every image of a dataset; optionally move bad files and duplicates to `quarantine`.
 
-    Nothing is ever deleted. A read-only source (a zip) is only reported.
+    Nothing is ever deleted. A read-only source (a zip) is only reported. Only files inside the
+    data root (the dataset folder; for a CSV manifest, the folder holding it) are ever moved:
+    a manifest row naming `../x` or an absolute path elsewhere is reported with the reason.
     """
     ds: Dataset = read_image_dataset(data, path_column, label_column)
     refs = [(ref, split, label) for split, items in ds.splits.items() for ref, label in items]
@@ -189,7 +201,7 @@ def clean(
     mark_duplicates(results)
     findings = [f for f, _, _ in results]
     findings += [Finding(display(ref), "", Path(display(ref)).parent.name, "ignored", reason) for ref, reason in ds.ignored]
-    moved = 0
+    moved = outside = 0
     if quarantine is not None:
         qdir = Path(quarantine)
         root = Path(data)
@@ -205,10 +217,12 @@ def clean(
                 if f.status not in ("bad", "duplicate", "ignored"):
                     continue
                 src = Path(f.path)
-                try:
-                    rel = src.resolve().relative_to(qroot.resolve())
-                except ValueError:
-                    rel = Path(src.name)
+                if not inside_root(src, qroot):
+                    f.action = (f"not moved: outside the data root {qroot} (only files under it are quarantined; "
+                                "move or fix this one by hand)")
+                    outside += 1
+                    continue
+                rel = (src.parent.resolve() / src.name).relative_to(qroot.resolve())
                 dst = qdir / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 if dst.exists():
@@ -220,6 +234,7 @@ def clean(
     rep = CleanReport(
         root=str(data), total=len(findings), ok=count("ok"), converted=count("converted"), bad=count("bad"),
         duplicates=count("duplicate"), ignored=count("ignored"), quarantined=moved, findings=findings,
+        outside_root=outside,
     )
     if report is not None:
         write_report(rep, report)

@@ -5,9 +5,16 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from torch.utils.data import Dataset as TorchDataset
-
 from ..errors import DuoclassError
+
+# The one list of split names a folder or file may use: train, valid and test, with their common aliases.
+SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid",
+                 "dev": "valid", "test": "test", "testing": "test"}
+
+
+def split_name(name: str) -> str | None:
+    """'train', 'valid' or 'test' for a folder or file stem (case-insensitive), else None."""
+    return SPLIT_ALIASES.get(name.lower())
 
 
 def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -42,21 +49,33 @@ def label_ids(labels: list[str], classes: list[str], where: str) -> list[int]:
 
 @dataclass
 class TaskData:
-    """Everything the engine needs from a modality: datasets, collate, classes, preprocessing."""
+    """Everything the engine needs from a task: datasets, batches, classes, preprocessing; and, for a task
+    other than classification (pretraining), how to evaluate, save and finish.
+
+    batches: where training batches come from (engine.BatchSource: `len(...)` and `epoch(i)`); None means a
+    DataLoader over `train` with `collate`. A GPU-resident source replaces it without touching the loop.
+    evaluate(model, split_name) -> metrics, save(folder, model, metrics), finish(...) -> RunResult: None means
+    the engine's classification versions (metrics of engine.evaluate_dataset, a duoclass model folder).
+    """
 
     task: str
     classes: list[str]
-    train: TorchDataset
-    valid: TorchDataset
-    test: TorchDataset | None
+    train: Any  # a torch Dataset of (inputs, label) pairs
+    valid: Any
+    test: Any | None
     collate: Callable[[list[Any]], Any]
-    preprocessor: Any  # ImagePreprocessor or TextPreprocessor: has to_config() and load()/collate()
+    preprocessor: Any  # preprocess.ImagePreprocessor or TextPreprocessor: to_config(), inputs(), load(), collate()
     model_args: dict[str, Any]
     train_labels: list[int]
     skipped: list[Any] = field(default_factory=list)  # Finding-like records of skipped inputs
     notes: list[str] = field(default_factory=list)
     extra_files: dict[str, bytes] = field(default_factory=dict)  # e.g. tokenizer files for the model folder
     augment: Callable[[dict], dict] | None = None  # batch-level training augmentation, applied on the device
+    batches: Any = None  # engine.BatchSource
+    model_name: str | None = None  # the registry name, when it is not the settings' --model
+    evaluate: Callable[..., Any] | None = None
+    save: Callable[..., Any] | None = None
+    finish: Callable[..., Any] | None = None
 
 
 class SkipCounter:

@@ -9,10 +9,15 @@ work in [0, 1] input space.
     create_model("timm:resnet18", num_classes=10, image_size=224)
     create_model("fasttext", num_classes=4)
     create_model("hf:path/to/folder", num_classes=2, pretrained="path/to/folder")
+
+Each entry says what input its model takes (`input_kind`: how raw inputs become tensors)
+and which classifier heads it has (`heads`, the --pooling choices). Builders take explicit
+keyword arguments; `create_model` refuses one a builder does not take, naming the ones it does.
 """
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,6 +25,17 @@ import torch
 from torch import nn
 
 from ..errors import DuoclassError
+
+
+# What a model takes as input, i.e. which preprocessor turns raw inputs into its tensors.
+INPUT_KINDS: dict[str, str] = {
+    "image": "images in [0, 1], (B, 3, S, S) pixel_values",
+    "ngram-hash": "hashed word and char n-gram ids (fasttext); nothing is learned from the data",
+    "ngram-vocab": "ids of an n-gram vocabulary built from the training texts, with TF-IDF weights (tfidf-mlp)",
+    "trained-tokenizer": "token ids of a WordPiece (or character) tokenizer trained on the training texts",
+    "hf-tokenizer": "token ids of a Hugging Face checkpoint's own tokenizer (hf:<id-or-folder>)",
+}
+HF_HEADS = ("cls", "attention")  # every hf:<id-or-folder> model
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,8 @@ class ModelSpec:
     defaults: dict[str, Any]
     lr: float = 2e-3  # recommended peak learning rate (AdamW), the --lr default for this model
     dropout: float = 0.1  # the --dropout default for this model
+    input: str = "image"  # a key of INPUT_KINDS
+    heads: tuple[str, ...] = ()  # the --pooling choices it supports; () where --pooling does not apply (images)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -38,18 +56,24 @@ ALIASES: dict[str, str] = {}
 
 
 def register(name: str, task: str, description: str, *, lr: float = 2e-3, dropout: float = 0.1,
-             **defaults: Any) -> Callable:
+             input: str | None = None, heads: tuple[str, ...] | None = None, **defaults: Any) -> Callable:
     """Decorator: register a model builder under a user-facing name. Duplicate names are an error.
 
     `lr` is the model's recommended peak learning rate (used when --lr is not given), `dropout`
     its recommended dropout before the classifier (used when --dropout is not given);
+    `input` the kind of input it takes (a key of INPUT_KINDS; image models default to "image",
+    text models must say), `heads` the --pooling choices it has (text default: ("cls",));
     `defaults` are keyword arguments passed to the builder.
     """
+    kind = input if input is not None else ("image" if task == "image" else None)
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"model {name!r}: input must be one of {', '.join(INPUT_KINDS)}, got {input!r}")
+    heads = tuple(heads) if heads is not None else (() if task == "image" else ("cls",))
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY or name in ALIASES:
             raise ValueError(f"model name {name!r} is registered twice")
-        _REGISTRY[name] = ModelSpec(name, task, fn, description, defaults, lr, dropout)
+        _REGISTRY[name] = ModelSpec(name, task, fn, description, defaults, lr, dropout, kind, heads)
         return fn
 
     return deco
@@ -78,6 +102,38 @@ def get_spec(name: str) -> ModelSpec | None:
 def available(task: str | None = None) -> list[ModelSpec]:
     _load_builtin()
     return [s for s in _REGISTRY.values() if task is None or s.task == task]
+
+
+def input_kind(name: str) -> str:
+    """What model `name` takes as input: a key of INPUT_KINDS. timm:<x> is "image", hf:<x> "hf-tokenizer"."""
+    if name.startswith("timm:"):
+        return "image"
+    if name.startswith("hf:"):
+        return "hf-tokenizer"
+    spec = get_spec(name)
+    if spec is None:
+        raise unknown_model_error(name)
+    return spec.input
+
+
+def model_heads(name: str) -> tuple[str, ...]:
+    """The --pooling choices of model `name`; () where --pooling does not apply (image models)."""
+    if name.startswith("timm:"):
+        return ()
+    if name.startswith("hf:"):
+        return HF_HEADS
+    spec = get_spec(name)
+    if spec is None:
+        raise unknown_model_error(name)
+    return spec.heads
+
+
+def check_head(name: str, pooling: str) -> None:
+    """Refuse a --pooling the model does not have (tfidf-mlp has no token states to pool)."""
+    heads = model_heads(name)
+    if heads and pooling not in heads:
+        raise DuoclassError(f"--pooling {pooling}: {name} has no {pooling!r} head (it has: {', '.join(heads)}); "
+                            f"use --pooling {heads[0]}")
 
 
 def model_task(name: str) -> str | None:
@@ -125,22 +181,45 @@ def unknown_model_error(name: str) -> DuoclassError:
     )
 
 
+def check_args(name: str, builder: Callable[..., Any], args: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
+    """Refuse a keyword argument `builder` does not take (a builder with **kwargs takes any)."""
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [k for k, p in params.items() if k not in ("num_classes", *skip)
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for k in args:
+        if k not in accepted:
+            hint = f"; {name} has no pretrained weights to load: drop --pretrained" if k == "pretrained" else ""
+            raise DuoclassError(f"model {name}: unknown argument {k!r} (accepted: {', '.join(accepted)}){hint}")
+
+
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build a model by registered name (or `timm:<name>`) with `num_classes` outputs."""
+    """Build a model by registered name (or `timm:<name>`, `hf:<id-or-folder>`) with `num_classes` outputs.
+
+    Keyword arguments go to the builder; one it does not take is a DuoclassError.
+    """
     if num_classes < 2:
         raise DuoclassError(f"a classifier needs at least 2 classes, got {num_classes}")
     if name.startswith("timm:"):
         from .timm_adapter import create_timm_model
 
+        check_args(name, create_timm_model, kwargs, skip=("name",))
         return create_timm_model(name[len("timm:"):], num_classes=num_classes, **kwargs)
     if name.startswith("hf:"):
         from .text_models import create_hf_model
 
+        check_args(name, create_hf_model, kwargs, skip=("source",))
+        if "pooling" in kwargs:
+            check_head(name, kwargs["pooling"])
         return create_hf_model(name[len("hf:"):], num_classes=num_classes, **kwargs)
     spec = get_spec(name)
     if spec is None:
         raise unknown_model_error(name)
     args = {**spec.defaults, **kwargs}
+    check_args(spec.name, spec.builder, args)
+    if "pooling" in args:
+        check_head(spec.name, args["pooling"])
     return spec.builder(num_classes=num_classes, **args)
 
 

@@ -18,6 +18,7 @@ transformers is imported inside the functions that need it (`pip install duoclas
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import DuoclassError
-from . import register
+from . import check_head, input_kind, register  # noqa: F401  (check_head: re-exported for the training code)
 
 ALBERT_SIZES: dict[str, dict[str, int]] = {
     # Sized to train in minutes on 2 CPU cores.
@@ -71,7 +72,9 @@ class HFTextModel(nn.Module):
     """A transformers encoder behind the dict contract.
 
     pooling="cls": `net` is an AutoModelForSequenceClassification and its own head gives the logits.
-    pooling="attention": `net` is the bare encoder (AutoModel); AttentionPool + dropout + linear on top.
+    pooling="attention": `net` is the bare encoder (AutoModel) built without its pooler layer, which
+    this head would never use (an unused parameter breaks DistributedDataParallel); AttentionPool +
+    dropout + linear on top. Model folders saved with the pooler still load: its tensors are dropped.
     """
 
     def __init__(self, net: nn.Module, pooling: str, num_classes: int, dropout: float):
@@ -83,6 +86,12 @@ class HFTextModel(nn.Module):
             self.pool = AttentionPool(dim)
             self.dropout = nn.Dropout(dropout)
             self.fc = nn.Linear(dim, num_classes)
+            self._register_load_state_dict_pre_hook(self._drop_unused_pooler)
+
+    def _drop_unused_pooler(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        if getattr(self.net, "pooler", None) is None:
+            for k in [k for k in state_dict if k.startswith(prefix + "net.pooler.")]:
+                del state_dict[k]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -97,11 +106,15 @@ def _check_pooling(pooling: str) -> None:
         raise DuoclassError(f"--pooling: got {pooling!r}; choose one of: cls, attention")
 
 
-def check_head(name: str, pooling: str) -> None:
-    """Refuse a --pooling the model cannot have (tfidf-mlp has no token states to pool)."""
-    if name == "tfidf-mlp" and pooling != "cls":
-        raise DuoclassError(f"--pooling {pooling}: tfidf-mlp sums its n-gram vectors by TF-IDF weight and has no "
-                            "token states to pool; leave --pooling at cls")
+def _encoder_kwargs(config: Any) -> dict[str, Any]:
+    """AutoModel keyword arguments for a bare encoder without the pooler layer, where the architecture has one."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        cls = MODEL_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        return {}
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
 
 
 def _wrap(config: Any, num_classes: int, pooling: str, dropout: float, weights: str | None = None) -> HFTextModel:
@@ -113,10 +126,11 @@ def _wrap(config: Any, num_classes: int, pooling: str, dropout: float, weights: 
         if hasattr(config, attr):
             setattr(config, attr, dropout)
     auto = tf.AutoModelForSequenceClassification if pooling == "cls" else tf.AutoModel
+    kw = {} if pooling == "cls" else _encoder_kwargs(config)
     if weights is None:
-        net = auto.from_config(config)
+        net = auto.from_config(config, **kw)
     else:
-        kw = {"ignore_mismatched_sizes": True} if pooling == "cls" else {}
+        kw = {"ignore_mismatched_sizes": True} if pooling == "cls" else kw
         try:
             net = auto.from_pretrained(weights, config=config, **kw)
         except OSError as e:
@@ -136,7 +150,7 @@ def albert_config(size: str, vocab_size: int, pad_token_id: int = 0, dropout: fl
 
 def _albert_builder(size: str):
     def build(num_classes: int, vocab_size: int = DEFAULT_VOCAB, pad_token_id: int = 0, pooling: str = "cls",
-              dropout: float = 0.1, **_: Any) -> HFTextModel:
+              dropout: float = 0.1) -> HFTextModel:
         return _wrap(albert_config(size, vocab_size, pad_token_id, dropout), num_classes, pooling, dropout)
 
     return build
@@ -146,7 +160,7 @@ for _size, _c in ALBERT_SIZES.items():
     register(
         f"albert-scratch-{_size}", "text",
         f"ALBERT trained from scratch with a tokenizer trained on your data; hidden {_c['hidden_size']}, "
-        f"{_c['num_hidden_layers']} layers", lr=1e-3,
+        f"{_c['num_hidden_layers']} layers", lr=1e-3, input="trained-tokenizer", heads=("cls", "attention"),
     )(_albert_builder(_size))
 
 
@@ -181,9 +195,10 @@ class FastText(nn.Module):
         return self.fc(self.dropout(v))
 
 
-@register("fasttext", "text", "fastText-style baseline: hashed word + char n-gram embeddings, mean-pooled, linear", lr=1e-2)
+@register("fasttext", "text", "fastText-style baseline: hashed word + char n-gram embeddings, mean-pooled, linear", lr=1e-2,
+          input="ngram-hash", heads=("cls", "attention"))
 def build_fasttext(num_classes: int, buckets: int = DEFAULT_BUCKETS, dim: int = 64, pooling: str = "cls",
-                   dropout: float = 0.1, **_: Any) -> FastText:
+                   dropout: float = 0.1) -> FastText:
     return FastText(num_classes, buckets, dim, pooling, dropout)
 
 
@@ -212,27 +227,24 @@ class TfidfMLP(nn.Module):
 
 
 @register("tfidf-mlp", "text", "TF-IDF of words, word bigrams and char n-grams (vocabulary from your data) into one "
-          "wide ReLU layer (256), dropout, linear (Galke & Scherp, 2022)", lr=1e-3, dropout=0.5)
+          "wide ReLU layer (256), dropout, linear (Galke & Scherp, 2022)", lr=1e-3, dropout=0.5,
+          input="ngram-vocab", heads=("cls",))  # a bag of n-grams has no token states to pool
 def build_tfidf_mlp(num_classes: int, vocab_size: int = DEFAULT_NGRAM_VOCAB, hidden: int = 256, pooling: str = "cls",
-                    dropout: float = 0.5, **_: Any) -> TfidfMLP:
+                    dropout: float = 0.5) -> TfidfMLP:
     check_head("tfidf-mlp", pooling)
     return TfidfMLP(num_classes, vocab_size, hidden, dropout)
 
 
-def text_input_kind(name: str) -> str:
-    """How a text model wants its input: 'ngram-hash' (fasttext), 'ngram-vocab' (tfidf-mlp), 'trained' (a tokenizer
-    trained on the data), 'hf'."""
-    if name == "fasttext":
-        return "ngram-hash"
-    if name == "tfidf-mlp":
-        return "ngram-vocab"
-    if name.startswith("albert-scratch"):
-        return "trained"
-    if name.startswith("hf:"):
-        return "hf"
-    from . import unknown_model_error
+_OLD_KIND = {"ngram-hash": "ngram-hash", "ngram-vocab": "ngram-vocab", "trained-tokenizer": "trained", "hf-tokenizer": "hf"}
 
-    raise unknown_model_error(name)
+
+def text_input_kind(name: str) -> str:
+    """`models.input_kind` in the older names: 'ngram-hash' (fasttext), 'ngram-vocab' (tfidf-mlp), 'trained'
+    (a tokenizer trained on the data), 'hf'. An image model is an error."""
+    kind = input_kind(name)
+    if kind not in _OLD_KIND:
+        raise DuoclassError(f"--model {name}: an image model; pick a text model from `duoclass models`")
+    return _OLD_KIND[kind]
 
 
 # --- any Hugging Face checkpoint ----------------------------------------------------------------
@@ -252,8 +264,9 @@ def is_hf_folder(path: str) -> bool:
 def _offline_error(source: str) -> DuoclassError:
     return DuoclassError(
         f"hf:{source}: the pretrained weights need a download from the Hugging Face hub, which is not reachable from "
-        "here (and they are not in the local cache); train from scratch with `--model albert-scratch-tiny` "
-        "(or `--model fasttext`), or pass a local folder with config.json, weights and tokenizer (--model path/to/folder)"
+        "here (and they are not in the local cache); train without pretrained weights with `--model tfidf-mlp` "
+        "(duoclass's most accurate model that needs none; albert-scratch-tiny and fasttext need none either), "
+        "or pass a local folder with config.json, weights and tokenizer (--model path/to/folder)"
     )
 
 
@@ -298,7 +311,7 @@ def hf_config_dict(config: Any) -> dict[str, Any]:
 
 
 def create_hf_model(source: str, num_classes: int, hf_config: dict[str, Any] | None = None, pooling: str = "cls",
-                    dropout: float = 0.1, pretrained: str | None = None, **_: Any) -> HFTextModel:
+                    dropout: float = 0.1, pretrained: str | None = None) -> HFTextModel:
     """`hf:<source>`: with `pretrained` load those weights (training); else build from `hf_config` (a model folder)."""
     tf = transformers_module()
     if hf_config is not None:

@@ -1,0 +1,170 @@
+"""`Classifier`: a trained model behind a backend, with its preprocessing and class names.
+
+    clf = duoclass.load("runs/xray/model")
+    clf(["a.png", "b.png"], top_k=2)      # [[{"label": "pneumonia", "score": 0.93}, ...], ...]  (pipeline style)
+    clf.predict(["a.png", "b.png"])        # ["pneumonia", "normal"]                              (scikit-learn style)
+    clf.predict_proba(["a.png"])           # (1, n_classes), columns in clf.classes_ order
+    clf.predict_results(["a.png"])         # [Prediction(label, score, top_k, error, warning)]
+    clf.evaluate("data/xrays", split="test")
+
+Every call goes through the one predict path (predict.predict_items). An input that cannot be
+used gets its own error (a NaN row in predict_proba, None in predict, {"error": ...} in the
+pipeline call) and a logged warning; the other inputs are predicted as usual. Importing this
+module does not import torch; loading a folder with the torch backend does.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import DuoclassError, NotFittedError
+from .predict import Prediction, evaluate_results, predict_items, probabilities
+
+log = logging.getLogger("duoclass")
+
+
+def _as_list(inputs: Any) -> tuple[list[Any], bool]:
+    """(inputs as a list, whether a single input was given)."""
+    from os import PathLike
+
+    if isinstance(inputs, (str, bytes, bytearray, PathLike)) or not isinstance(inputs, Sequence):
+        try:
+            from PIL import Image
+
+            single = isinstance(inputs, (str, bytes, bytearray, PathLike, Image.Image, np.ndarray))
+        except ImportError:  # pragma: no cover
+            single = True
+        if single:
+            return [inputs], True
+        return list(inputs), False
+    return list(inputs), False
+
+
+class Classifier:
+    """A trained model plus its preprocessing and class names. Build one with `duoclass.load` or `duoclass.train`."""
+
+    def __init__(self, backend: Any, classes: Sequence[str], preprocessor: Any, config: dict[str, Any],
+                 folder: Path | None = None):
+        self.backend = backend
+        self.classes_ = list(classes)
+        self.preprocessor = preprocessor
+        self.config_ = config
+        self.folder = folder
+        self.result_: Any = None  # engine.RunResult when the classifier came from duoclass.train
+
+    @classmethod
+    def from_folder(cls, path: str | Path, device: str = "auto", backend: str = "torch") -> "Classifier":
+        """Load a model folder: every file's hash is checked, nothing is unpickled or executed."""
+        from .preprocess import preprocessor_from_config
+
+        folder = Path(path)
+        if backend != "torch":
+            from .backends import backend_names
+
+            raise DuoclassError(f"--backend {backend}: unknown backend; choose one of: {', '.join(backend_names())}")
+        from .backends import torch_backend_from_folder
+        from .checkpoint import read_model_folder
+
+        cfg, state = read_model_folder(folder)
+        pre = preprocessor_from_config(cfg["task"], cfg["preprocessing"], folder)
+        return cls(torch_backend_from_folder(cfg, state, folder, device), cfg["classes"], pre, cfg, folder)
+
+    # --- what it is ---------------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        return self.config_["task"]
+
+    @property
+    def tta(self) -> bool:
+        """Test-time augmentation the model was evaluated with in training (config.json's evaluation settings)."""
+        return bool(self.config_.get("evaluation", {}).get("tta", False))
+
+    @property
+    def model(self) -> Any:
+        """The torch module (torch backend), e.g. for attacks or export."""
+        return getattr(self.backend, "model", None)
+
+    @property
+    def device(self) -> Any:
+        return getattr(self.backend, "device", None)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(map(repr, self.classes_[:5])) + (", ..." if len(self.classes_) > 5 else "")
+        name = self.config_.get("model", {}).get("name", "?")
+        where = f", folder={str(self.folder)!r}" if self.folder else ""
+        return (f"Classifier(task={self.task!r}, model={name!r}, classes=[{shown}] ({len(self.classes_)}), "
+                f"preprocessor={self.preprocessor!r}, backend={self.backend!r}{where})")
+
+    def _check(self) -> None:
+        if self.backend is None:
+            raise NotFittedError("this classifier has no weights; use duoclass.load(MODEL_DIR) or duoclass.train(...)")
+
+    # --- prediction -------------------------------------------------------------------------
+    def predict_results(self, inputs: Any, top_k: int = 1, batch_size: int = 64) -> list[Prediction]:
+        """One Prediction (label, score, top_k, probs, error, warning) per input, in input order."""
+        self._check()
+        items, _ = _as_list(inputs)
+        results = predict_items(self.preprocessor, self.backend, self.classes_, items, batch_size, top_k, self.tta)
+        for r in results:
+            if r.error:
+                log.warning("%s", r.error)
+            elif r.warning:
+                log.warning("%s: %s", r.input, r.warning)
+        return results
+
+    def __call__(self, inputs: Any, top_k: int = 1, batch_size: int = 64) -> list[Any]:
+        """Pipeline style: for each input a list of {"label", "score"} (best first), or [{"error": ...}].
+        A single input gives its list alone, a list of inputs a list of lists."""
+        items, single = _as_list(inputs)
+        out = [[{"label": c, "score": p} for c, p in r.top_k] if r.ok else [{"error": r.error}]
+               for r in self.predict_results(items, top_k, batch_size)]
+        return out[0] if single else out
+
+    def predict_proba(self, inputs: Any, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities, shape (N, n_classes), columns in `classes_` order; a row of NaN for an unusable input."""
+        return probabilities(self.predict_results(inputs, 1, batch_size), len(self.classes_))
+
+    def predict(self, inputs: Any, batch_size: int = 64) -> list[str | None]:
+        """Predicted class names, one per input (None for an unusable input, whose error is logged)."""
+        return [r.label for r in self.predict_results(inputs, 1, batch_size)]
+
+    # --- evaluation -----------------------------------------------------------------------
+    def evaluate(self, data: str | Path, split: str = "test", batch_size: int = 64, top_k: int | None = None,
+                 text_column: str | None = None, label_column: str | None = None,
+                 path_column: str | None = None) -> dict[str, Any]:
+        """Metrics on a labelled split of a dataset (the layouts `train` reads), evaluated as in training
+        (the folder's evaluation settings, e.g. test-time augmentation). Unreadable inputs are skipped and counted."""
+        from .data.splits import label_ids
+        from .data.text_files import holds_text
+
+        self._check()
+        top_k = top_k or int(self.config_.get("evaluation", {}).get("top_k", 5))
+        pre = self.preprocessor
+        text_column = text_column or getattr(pre, "text_column", "text")
+        label_column = label_column or getattr(pre, "label_column", "label")
+        is_text = holds_text(data, text_column, path_column or "path")
+        if is_text != (self.task == "text"):
+            raise DuoclassError(f"{data}: holds {'text' if is_text else 'image'} data, but this is {'a text' if self.task == 'text' else 'an image'} "
+                                f"model ({self.config_['model']['name']}); evaluate it on {self.task} data")
+        if self.task == "text":
+            from .data.text_files import read_eval_split
+
+            recs, empty, where = read_eval_split(data, split, text_column, label_column)
+            inputs, names, raw_labels = [r.text for r in recs], [r.where for r in recs], [r.label for r in recs]
+        else:
+            from .data.sources import display, read_image_dataset
+
+            ds = read_image_dataset(data, path_column or "path", label_column)
+            if split not in ds.splits:
+                raise DuoclassError(f"{data}: no '{split}' split (found: {', '.join(sorted(ds.splits))}); pass --split NAME")
+            inputs = [ref for ref, _ in ds.splits[split]]
+            names, raw_labels, where, empty = [display(r) for r in inputs], [y for _, y in ds.splits[split]], str(data), 0
+        labels = label_ids(raw_labels, self.classes_, f"{where} ({split} split)")  # type: ignore[arg-type]
+        results = predict_items(pre, self.backend, self.classes_, inputs, batch_size, 1, self.tta, names=names)
+        m = evaluate_results(results, labels, self.classes_, top_k, f"{data} ('{split}' split)")
+        m["skipped_files"] += empty  # text rows with empty text are skipped when reading, as in training
+        m["tta"] = self.tta
+        return m
