@@ -401,3 +401,36 @@ def test_training_skips_bad_files_and_leaves_data_alone(tree, tmp_path) -> None:
 
     # the data folder is byte-for-byte unchanged: same paths, same contents
     assert hashes(tree) == before
+
+
+# --- quarantine never reaches outside the data root ---------------------------------------------
+def test_manifest_quarantine_never_moves_files_outside_the_data_root(pristine, cases, tmp_path) -> None:
+    """A manifest row may name `../x` or an absolute path: such files are reported, never moved."""
+    root = tmp_path / "ds"
+    shutil.copytree(pristine / "train", root / "img")
+    outside_rel = tmp_path / "precious.jpg"  # reached as ../precious.jpg from the manifest's folder
+    outside_abs = tmp_path / "elsewhere" / "notes.jpg"
+    outside_abs.parent.mkdir()
+    outside_rel.write_bytes(cases["truncated"])
+    outside_abs.write_bytes(cases["text"])
+    before = {p: p.read_bytes() for p in (outside_rel, outside_abs)}
+    rows = ["path,label"] + [f"img/{c}/img_{i:03d}.png,{c}" for c in CLASSES for i in range(4)]
+    rows += ["img/apple/empty.jpg,apple", "../precious.jpg,apple", f"{outside_abs},berry"]
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    qdir = tmp_path / "quarantine"
+
+    r = run_cli("clean", str(manifest), "--quarantine", str(qdir), "--report", str(tmp_path / "report"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    for p, data in before.items():
+        assert p.is_file() and p.read_bytes() == data, f"{p} was moved or changed"
+    assert (qdir / "img" / "apple" / "empty.jpg").is_file()  # the bad file inside the root is quarantined
+    assert not (root / "img" / "apple" / "empty.jpg").exists()
+    assert sorted(p.name for p in qdir.rglob("*") if p.is_file()) == ["empty.jpg"]
+    lines = r.stdout.splitlines()
+    for name in ("precious.jpg", "notes.jpg"):
+        hit = [ln for ln in lines if ln.strip().startswith("bad") and name in ln]
+        assert len(hit) == 1 and "[not moved: outside the data root" in hit[0], r.stdout
+    assert "1 moved to quarantine; 2 outside the data root not moved" in r.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["quarantined"] == 1 and report["outside_root"] == 2

@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) train to the same quality as one process."""
+"""Two CPU processes (torchrun, gloo) train to the same quality as one process, every text model
+with one vocabulary for both processes."""
 from __future__ import annotations
 
 import json
@@ -60,11 +61,11 @@ def test_every_text_model_trains_under_two_processes(model: str, toy: Path, tmp_
     rank 0 trains it and sends it, and the run logs its hash after every process checked its own.
     """
     pooling = [] if model == "tfidf-mlp" else ["--pooling", "attention"]  # a bag of n-grams has no token states
-    r = run_cli("train", str(toy), "--model", model, *pooling, "--epochs", "2", "--batch-size", "16", "--nproc=2",
+    r = run_cli("train", str(toy), "--model", model, *pooling, "--epochs", "6", "--batch-size", "16", "--nproc=2",
                 "--device", "cpu", "--workers", "0", "--no-progress", "--no-tensorboard", "--output", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 processes" in r.stderr
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["accuracy"] >= 0.75  # chance is 0.5
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["accuracy"] >= 0.8  # chance is 0.5
     digest = vocabulary_digest(duoclass.load(tmp_path / "run" / "model").preprocessor)
     if model == "fasttext":  # hashed n-grams: nothing built from the data
         assert digest is None and "vocabulary:" not in r.stderr

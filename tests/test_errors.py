@@ -9,6 +9,7 @@ test then checks the result of its own case.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,8 @@ from typing import Callable
 
 import pytest
 from PIL import Image
+
+from duoclass.errors import DuoclassError
 
 TRAIN_FLAGS = ["--model", "msresnet-tiny", "--image-size", "16", "--epochs", "1", "--batch-size", "8",
                "--no-progress", "--no-tensorboard", "--device", "cpu"]
@@ -82,14 +85,17 @@ class Case:
     needs_model: bool = False
     # False where warnings legitimately precede the error line; the error must still be the last line.
     only_line: bool = True
+    env: dict | None = None  # extra environment variables for the command
+    settings: bool = False  # a bad setting: refused before the run folder is created
 
 
 CASES: dict[str, Case] = {}
 
 
-def case(name: str, needs_model: bool = False, only_line: bool = True) -> Callable:
+def case(name: str, needs_model: bool = False, only_line: bool = True, env: dict | None = None,
+         settings: bool = False) -> Callable:
     def deco(fn: Callable[[Ctx], tuple[list, list[str]]]) -> Callable:
-        CASES[name] = Case(fn, needs_model, only_line)
+        CASES[name] = Case(fn, needs_model, only_line, env, settings)
         return fn
 
     return deco
@@ -164,6 +170,59 @@ def _(c: Ctx):
     cfg.write_text("epochs: 1\nlearning_rate: 0.1\n", encoding="utf-8")
     return (["train", data, "--config", cfg, "--output", c.tmp / "run"],
             [str(cfg), "unknown setting(s) learning_rate", "duoclass train --help"])
+
+
+@case("train-lr-not-a-number", settings=True)
+def _(c: Ctx):
+    data = make_dataset(c.tmp / "data", n=3, test=0)
+    return (["train", data, "--output", c.tmp / "run", *TRAIN_FLAGS, "--lr", "abc"],
+            ["--lr: got 'abc'", "expected a number", "e.g. --lr 1e-3"])
+
+
+@case("train-yaml-string-for-bool", settings=True)
+def _(c: Ctx):
+    data = make_dataset(c.tmp / "data", n=3, test=0)
+    cfg = c.tmp / "settings.yaml"
+    cfg.write_text("epochs: 1\namp: 'yes'\n", encoding="utf-8")
+    return (["train", data, "--config", cfg, "--output", c.tmp / "run"],
+            ["--amp: got 'yes'", "expected true or false", "--no-amp"])
+
+
+@case("train-select-metric-typo", settings=True)
+def _(c: Ctx):
+    data = make_dataset(c.tmp / "data", n=3, test=0)
+    return (["train", data, "--output", c.tmp / "run", *TRAIN_FLAGS, "--select-metric", "f1-macro"],
+            ["--select-metric: unknown metric 'f1-macro'", "did you mean f1_macro?", "balanced_accuracy"])
+
+
+@case("train-impossible-scale", settings=True)
+def _(c: Ctx):
+    data = make_dataset(c.tmp / "data", n=3, test=0)
+    return (["train", data, "--output", c.tmp / "run", *TRAIN_FLAGS, "--scale", "1.5"],
+            ["--scale: got 1.5", "[0, 1)"])
+
+
+@case("train-negative-max-steps", settings=True)
+def _(c: Ctx):
+    data = make_dataset(c.tmp / "data", n=3, test=0)
+    return (["train", data, "--output", c.tmp / "run", *TRAIN_FLAGS, "--max-steps", "-5"],
+            ["--max-steps: got -5", ">= 0"])
+
+
+@case("train-text-offline-default-model", env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://hub.duoclass-offline.invalid"})
+def _(c: Ctx):
+    data = c.tmp / "texts"
+    data.mkdir()
+    rows = ["text,label"] + [f"{w} movie number {i},{lab}" for i in range(6) for w, lab in (("great", "pos"), ("awful", "neg"))]
+    (data / "train.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    # the default text model needs pretrained weights; the way out names tfidf-mlp first
+    return (["train", data, "--epochs", "1", "--output", c.tmp / "run", "--no-progress", "--no-tensorboard"],
+            ["hf:albert-base-v2", "not reachable", "with `--model tfidf-mlp` (the most accurate duoclass model that needs none)"])
+
+
+@case("models-timm-no-match")
+def _(c: Ctx):
+    return ["models", "--timm", "zz_no_such_net"], ["--timm zz_no_such_net", "no timm model name matches", "--timm resnet"]
 
 
 # model folders: missing or damaged files, for predict and for evaluate
@@ -255,7 +314,7 @@ def _(c: Ctx):
     (data / "test" / "red").mkdir(parents=True)
     (data / "test" / "red" / "fake.png").write_bytes(b"not a png")
     return (["evaluate", c.model_copy(), data],
-            [str(data), "nothing to evaluate in the 'test' split", "none of its 1 images could be read", "--split"])
+            [str(data), "('test' split): nothing to evaluate", "none of its 1 inputs could be read", "--split"])
 
 
 # predict
@@ -273,8 +332,8 @@ def _(c: Ctx):
 
 
 # --- running ---------------------------------------------------------------------------------
-def run_cli(cwd: Path, args: list) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+def run_cli(cwd: Path, args: list, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **(extra_env or {}))
     return subprocess.run([sys.executable, "-m", "duoclass", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=180, env=env)
 
@@ -293,7 +352,7 @@ def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         for name in selected:
             ctx = Ctx(tmp_path_factory.mktemp(name), trained)
             args, needles = CASES[name].setup(ctx)
-            started[name] = (pool.submit(run_cli, ctx.tmp, args), needles, ctx)
+            started[name] = (pool.submit(run_cli, ctx.tmp, args, CASES[name].env), needles, ctx)
         return {name: (future.result(), needles, ctx) for name, (future, needles, ctx) in started.items()}
 
 
@@ -315,3 +374,87 @@ def test_bad_input(outcomes: dict, name: str) -> None:
         assert needle in line, f"{needle!r} not in the error line{detail}"
     assert r.stdout == "", detail
     assert not (ctx.tmp / "run" / "model").exists(), "a failed run must not leave a model folder"
+    if CASES[name].settings:
+        assert not (ctx.tmp / "run").exists(), "a bad setting must be refused before the run folder is made"
+
+
+# --- evaluate reads CSV manifests with other column names ---------------------------------------
+def test_evaluate_column_flags(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = trained
+    files = sorted((data / "test").rglob("*.png"))
+    manifest = tmp_path / "holdout.csv"
+    manifest.write_text("file,truth,split\n" + "".join(f"{f},{f.parent.name},test\n" for f in files), encoding="utf-8")
+    r = run_cli(tmp_path, ["evaluate", model, manifest, "--path-column", "file", "--label-column", "truth", "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout)
+    assert m["n"] == len(files) == 8 and 0 <= m["accuracy"] <= 1
+    r = run_cli(tmp_path, ["evaluate", model, manifest, "--json"])  # the training columns: path, label
+    assert r.returncode == 2 and "no 'path' column" in r.stderr and "--path-column" in r.stderr
+
+
+# --- loading never unpickles: a planted malicious pickle is refused and never runs ------------------
+class _Plant:
+    """Unpickling this runs `open(marker, "w")`: what an attacker's state.pt or weights file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_malicious_pickle_is_real(tmp_path: Path) -> None:
+    """The payload used below does run when unpickled the unsafe way (so its refusal below means something)."""
+    import pickle
+
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Plant(marker)))
+    assert marker.read_text() == "pwned"
+
+
+def test_planted_pickle_state_is_refused(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    import pickle
+
+    import torch
+
+    from duoclass.checkpoint import load_state
+
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    shutil.copytree(trained[1].parent, run)
+    for how, write in (("torch.save", lambda p: torch.save({"model": _Plant(marker)}, p)),
+                       ("raw pickle", lambda p: p.write_bytes(pickle.dumps({"model": _Plant(marker)})))):
+        write(run / "state.pt")
+        with pytest.raises(DuoclassError, match=r"state\.pt: training state is unreadable"):
+            load_state(run / "state.pt")
+        assert not marker.exists(), how
+    # and through the CLI: --resume of that run
+    r = run_cli(tmp_path, ["train", "--resume", run, "--epochs", "2"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {run / 'state.pt'}: training state is unreadable")
+    assert not marker.exists()
+
+
+def test_planted_pickle_weights_are_refused(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """A pickle as model.safetensors, with config.json's hashes redone so the checksums pass."""
+    import pickle
+
+    import duoclass
+    from duoclass.checkpoint import config_digest, read_model_folder
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "model"
+    shutil.copytree(trained[1], folder)
+    payload = pickle.dumps({"normalize.mean": _Plant(marker)})
+    (folder / "model.safetensors").write_bytes(payload)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg["files"]["model.safetensors"] = hashlib.sha256(payload).hexdigest()
+    if "config_sha256" in cfg:
+        cfg["config_sha256"] = config_digest(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    for load in (read_model_folder, duoclass.load):
+        with pytest.raises(DuoclassError, match=r"model\.safetensors: unreadable weights"):
+            load(folder)
+        assert not marker.exists()
+    r = run_cli(tmp_path, ["predict", folder, trained[0] / "test" / "red" / "00.png"])
+    assert r.returncode == 2 and "unreadable weights" in r.stderr and not marker.exists()

@@ -1,11 +1,15 @@
 """Every registered model: builds, takes a dict, returns logits, round-trips through a model folder."""
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
 from duoclass.errors import DuoclassError
-from duoclass.models import available, count_flops, count_params, create_model
+from duoclass.models import (INPUT_KINDS, available, check_head, count_flops, count_params, create_model, get_spec, input_kind,
+                             model_heads)
 from duoclass.models.msresnet import MultiScaleBlock
 
 from .conftest import run_cli
@@ -105,3 +109,169 @@ def test_optimizer_is_fused_and_matches_the_loop(monkeypatch) -> None:
     assert moved > 1e-3  # the steps did something
     for a, b in zip(fused_model.parameters(), loop_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- what each entry says about its model --------------------------------------------------------
+EXPECTED_INPUT = {"fasttext": "ngram-hash", "tfidf-mlp": "ngram-vocab"}
+
+
+@pytest.mark.parametrize("name", [s.name for s in available()])
+def test_every_model_says_its_input_and_heads(name: str) -> None:
+    spec = get_spec(name)
+    assert spec.input in INPUT_KINDS and input_kind(name) == spec.input
+    if spec.task == "image":
+        assert spec.input == "image" and spec.heads == ()
+    else:
+        expected = EXPECTED_INPUT.get(name, "trained-tokenizer" if name.startswith("albert-scratch-") else None)
+        assert spec.input == expected
+        assert spec.heads and spec.heads[0] == "cls"
+        for pooling in ("cls", "attention"):
+            if pooling in spec.heads:
+                check_head(name, pooling)
+            else:
+                with pytest.raises(DuoclassError, match=f"--pooling {pooling}: {name} has no"):
+                    check_head(name, pooling)
+
+
+def test_input_kind_of_any_name() -> None:
+    from duoclass.models.text_models import text_input_kind
+
+    assert input_kind("timm:resnet18") == "image" and input_kind("msresnet") == "image"
+    assert input_kind("hf:bert-base-uncased") == "hf-tokenizer"
+    with pytest.raises(DuoclassError, match="unknown model 'fastext'.*did you mean fasttext"):
+        input_kind("fastext")
+    # the older names, for the code that still asks text_input_kind
+    assert [text_input_kind(n) for n in ("fasttext", "tfidf-mlp", "albert-scratch-tiny", "hf:x")] == [
+        "ngram-hash", "ngram-vocab", "trained", "hf"]
+    assert model_heads("hf:x") == ("cls", "attention") and model_heads("timm:resnet18") == ()
+
+
+# --- builders take explicit arguments --------------------------------------------------------------
+ALL_NAMES = [s.name for s in available()] + ["timm:test_resnet", "hf:tiny-bert"]
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_unknown_model_argument_is_an_error(name: str) -> None:
+    args = {"hf_config": TINY_BERT} if name.startswith("hf:") else {}
+    with pytest.raises(DuoclassError) as e:
+        create_model(name, num_classes=3, colour_space="lab", **args)
+    msg = str(e.value)
+    assert msg.startswith(f"model {name}: unknown argument 'colour_space' (accepted: ")
+    assert "dropout" in msg.split("accepted: ")[1]
+
+
+def test_pretrained_for_a_model_without_weights_says_so() -> None:
+    with pytest.raises(DuoclassError, match="unknown argument 'pretrained'.*drop --pretrained"):
+        create_model("msresnet-tiny", num_classes=2, pretrained="hub")
+
+
+# --- one training step reaches every parameter -----------------------------------------------------
+TINY_BERT = {"model_type": "bert", "vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}
+TINY_ARGS = {"albert-scratch": {"vocab_size": 60}, "fasttext": {"buckets": 200}, "tfidf-mlp": {"vocab_size": 60, "hidden": 8},
+             "hf:": {"hf_config": TINY_BERT}}
+
+
+def _grad_cases() -> list:
+    cases = []
+    for spec in available():
+        for pooling in spec.heads or (None,):
+            cases.append(pytest.param(spec.name, pooling, id=f"{spec.name}-{pooling or 'image'}"))
+    cases.append(pytest.param("timm:test_resnet", None, id="timm:test_resnet"))
+    cases += [pytest.param("hf:tiny-bert", p, id=f"hf:tiny-bert-{p}") for p in ("cls", "attention")]
+    return cases
+
+
+@pytest.mark.parametrize("name, pooling", _grad_cases())
+def test_backward_reaches_every_parameter(name: str, pooling: str | None) -> None:
+    """A parameter without a gradient is dead weight, and DistributedDataParallel fails on it
+    (the unused pooler of a transformer under attention pooling did)."""
+    torch.manual_seed(0)
+    if pooling is None:  # image model
+        model = create_model(name, num_classes=3, image_size=16)
+        batch = {"pixel_values": torch.rand(4, 3, 16, 16)}
+    else:
+        args = next(v for k, v in TINY_ARGS.items() if name.startswith(k))
+        model = create_model(name, num_classes=3, pooling=pooling, **args)
+        ids = torch.tensor([[2, 17, 18, 19, 3, 5], [2, 20, 3, 0, 0, 0], [2, 7, 8, 9, 10, 3], [2, 11, 3, 0, 0, 0]])
+        batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+        if name == "tfidf-mlp":
+            batch["weights"] = (ids != 0).float() * 0.4
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(batch), torch.tensor([0, 1, 2, 1]))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{name} ({pooling}): no gradient for {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["albert-scratch-tiny", "hf:tiny-bert"])
+def test_attention_model_folders_saved_with_a_pooler_still_load(name: str) -> None:
+    """Earlier versions built the attention-pooled encoder with its (unused) pooler; their weights load."""
+    from duoclass.models.text_models import HFTextModel, transformers_module
+
+    args = next(v for k, v in TINY_ARGS.items() if name.startswith(k))
+    new = create_model(name, num_classes=3, pooling="attention", **args).eval()
+    assert not any(".pooler." in k for k in new.state_dict())
+    tf = transformers_module()
+    old = HFTextModel(tf.AutoModel.from_config(new.net.config), "attention", 3, 0.1).eval()  # with the pooler
+    old_state = old.state_dict()
+    assert any(k.startswith("net.pooler.") for k in old_state)
+    new.load_state_dict(old_state, strict=True)
+    ids = torch.tensor([[2, 17, 18, 3]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    torch.testing.assert_close(new(batch), old(batch))
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # other stray tensors are still refused
+        new.load_state_dict({**old_state, "net.extra.weight": torch.zeros(1)}, strict=True)
+
+
+# --- --pretrained hub without network ------------------------------------------------------------
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://hub.duoclass-offline.invalid"}
+
+
+@pytest.mark.parametrize("env", [OFFLINE, {"HF_ENDPOINT": OFFLINE["HF_ENDPOINT"], "HF_HUB_OFFLINE": "0"}],
+                         ids=["HF_HUB_OFFLINE", "unresolvable-host"])
+def test_timm_hub_weights_offline_fail_at_once(tmp_path, env: dict) -> None:
+    from .test_errors import make_dataset
+
+    data = make_dataset(tmp_path / "data", n=4, test=0)
+    t = time.perf_counter()
+    r = run_cli("train", str(data), "--model", "timm:resnet18", "--pretrained", "hub", "--epochs", "1",
+                "--image-size", "16", "--device", "cpu", "--no-progress", "--no-tensorboard",
+                "--output", str(tmp_path / "run"), env={**env, "HF_HUB_CACHE": str(tmp_path / "empty-cache")}, timeout=120)
+    seconds = time.perf_counter() - t
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: timm:resnet18: --pretrained hub needs the weights") and "not in the local cache" in last
+    assert "Traceback" not in r.stderr and "Retrying" not in r.stderr
+    assert seconds < 30, seconds  # the hub client alone retries for about 50 s
+
+
+def test_timm_hub_weights_offline_come_from_the_local_cache(tmp_path) -> None:
+    """Offline, weights already in the hub cache are used, and nothing is downloaded."""
+    import subprocess
+    import sys
+
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    ref = timm.create_model("test_resnet").state_dict()  # random weights, as if downloaded earlier
+    repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    weights = repo / "snapshots" / ("0" * 40) / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(weights))
+    code = (
+        "from safetensors.torch import load_file\n"
+        "import torch\n"
+        "from duoclass.models import create_model\n"
+        "sd = create_model('timm:test_resnet', num_classes=3, pretrained='hub').backbone.state_dict()\n"
+        f"ref = load_file({str(weights)!r})\n"
+        "print(all(torch.equal(sd[k], v) for k, v in ref.items() if not k.startswith('fc.')), sd['fc.weight'].shape[0])\n"
+    )
+    env = dict(os.environ, **OFFLINE, HF_HUB_CACHE=str(tmp_path / "hub"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "3"]  # the cached backbone, a new 3-class head

@@ -10,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,8 +132,13 @@ def test_albert_train_save_load_predict(albert: duoclass.Classifier, toy: Path, 
     assert r.returncode == 0, r.stderr
     got = list(csv.DictReader(out.open(encoding="utf-8")))
     assert [g["id"] for g in got] == ["z9", "a1", "m5"]
-    assert list(got[0]) == ["id", "label"]
+    assert list(got[0]) == ["id", "label", "probability", "error", "warning"]  # the same columns as images
     assert [g["label"] for g in got] == clf.predict([t for _, t in rows])  # the same model, row for row
+    assert all(0.5 <= float(g["probability"]) <= 1 and not g["error"] for g in got)
+    # --labels-only: just id,label (a competition submission)
+    r = run_cli("predict", str(folder), str(tmp_path / "in"), "--output", str(out), "--labels-only", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert out.read_text(encoding="utf-8").splitlines()[0] == "id,label"
 
     # no id column: 0-based row numbers; --top-k adds probability and top_k
     from duoclass.predict import predict_to_csv
@@ -140,7 +146,7 @@ def test_albert_train_save_load_predict(albert: duoclass.Classifier, toy: Path, 
     write_csv(tmp_path / "plain.csv", [("lovely acting",), ("dreadful story",)], header=("text",))
     predict_to_csv(clf, tmp_path / "plain.csv", tmp_path / "plain_out.csv", top_k=2)
     got = list(csv.DictReader((tmp_path / "plain_out.csv").open(encoding="utf-8")))
-    assert [g["id"] for g in got] == ["0", "1"] and set(got[0]) == {"id", "label", "probability", "top_k"}
+    assert [g["id"] for g in got] == ["0", "1"] and set(got[0]) == {"id", "label", "probability", "top_k", "error", "warning"}
     assert got[0]["top_k"].startswith(got[0]["label"] + ":")
 
 
@@ -172,12 +178,17 @@ def test_tfidf_weights_match_scikit_learn() -> None:
         assert all(abs(got[f] - want[f]) < 1e-5 for f in want)
     # an unseen text: no known n-gram, an all-zero row, and the model still answers
     empty = pre.collate(pre.encode(["qqqq zzzz"]))
-    assert empty["weights"].abs().sum() == 0
+    assert isinstance(empty["weights"], np.ndarray)  # preprocessing makes numpy arrays, not tensors
+    assert np.abs(empty["weights"]).sum() == 0
 
 
 def test_tfidf_mlp_train_folder_load(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     clf = duoclass.train(toy, model="tfidf-mlp", epochs=4, output=str(tmp_path / "tm"), **FAST)
     assert clf.result_.test["accuracy"] >= 0.8  # chance is 0.5
+    # an empty text, and a text with no known n-gram, get a label flagged as a guess; a real text does not
+    res = clf.predict_results(["", "qqqq zzzz", "a wonderful film"])
+    assert [r.ok for r in res] == [True, True, True]
+    assert "empty text" in res[0].warning and "vocabulary" in res[1].warning and res[2].warning is None
     folder = Path(clf.result_.model_dir)
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["preprocessing"]["tokenizer"] == "ngram-vocab" and "ngrams.json" in cfg["files"]
@@ -197,22 +208,25 @@ def test_tfidf_mlp_train_folder_load(toy: Path, tmp_path: Path, capsys: pytest.C
     # ... and a damaged one whose hash was updated too is still an error, not a traceback
     import hashlib
 
+    from duoclass.checkpoint import config_digest
+
     for bad in ("[1, 2]", '{"features": ["w a"], "idf": []}', "not json"):
         (folder / "ngrams.json").write_text(bad, encoding="utf-8")
         cfg["files"]["ngrams.json"] = hashlib.sha256(bad.encode()).hexdigest()
+        cfg["config_sha256"] = config_digest(cfg)  # a deliberate re-hash: only the contents can be wrong now
         (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
         line = _error_line(capsys, ["predict", str(folder), str(toy / "test.csv"), *out])
         assert "ngrams.json" in line and "copy the model folder again" in line
 
 
 def test_ngram_vocab_min_df_and_word_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from duoclass import text
+    from duoclass import preprocess, text
     from duoclass.api import prepare, resolve_settings
     from duoclass.config import TrainConfig
 
     texts = ["alpha beta gamma", "alpha beta delta", "epsilon zeta"]
     assert text.build_ngram_vocab(texts)["min_df"] == 1  # under MIN_VOCAB n-grams occur twice: keep all
-    monkeypatch.setattr(text, "MIN_VOCAB", 2)
+    monkeypatch.setattr(preprocess, "MIN_VOCAB", 2)
     v = text.build_ngram_vocab(texts)  # "w alpha", "w beta", "b alpha beta" (and char n-grams) occur twice
     assert v["min_df"] == 2 and {"w alpha", "w beta", "b alpha beta"} <= set(v["features"])
     assert "w gamma" not in v["features"] and "w epsilon" not in v["features"]
@@ -249,20 +263,33 @@ def test_attention_pooling_trains(toy: Path, tmp_path: Path) -> None:
 
 
 def test_pretrain_then_finetune(toy: Path, tmp_path: Path) -> None:
+    """Pretraining runs through the engine's loop (run files, validation, resume), then fine-tunes."""
+    import csv as csv_
+
     from duoclass.pretrain import PretrainConfig, pretrain
 
-    summary = pretrain(PretrainConfig(corpus=str(toy / "train.csv"), output=str(tmp_path / "mlm"), max_steps=4,
-                                      batch_size=16, device="cpu", log_every=2))
-    assert summary["steps"] == 4 and summary["final_loss"] > 0
-    names = {p.name for p in (tmp_path / "mlm").iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "pretrain.json"} <= names
-    clf = duoclass.train(toy, model=str(tmp_path / "mlm"), epochs=1, lr=1e-3, output=str(tmp_path / "ft"), **FAST)
+    run = tmp_path / "mlm"
+    settings = dict(corpus=str(toy / "train.csv"), output=str(run), batch_size=16, device="cpu", progress=False,
+                    tensorboard=False)
+    summary = pretrain(PretrainConfig(epochs=2, **settings))
+    assert summary["held_out"] == 8 and summary["texts"] == 152  # 5% of the 160 texts measure the valid loss
+    assert summary["steps"] == 2 * 10 and summary["valid_loss"] > 0
+    assert {"config.yaml", "state.pt", "metrics.csv", "metrics.json"} <= {p.name for p in run.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "pretrain.json"} <= {p.name for p in (run / "model").iterdir()}
+    rows = list(csv_.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(float(r["valid_loss"]) > 0 for r in rows)
+    # --resume continues from the saved state: only the third epoch runs
+    again = pretrain(PretrainConfig(epochs=3, resume=str(run), **settings))
+    rows = list(csv_.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and again["best_epoch"] >= 1
+    # the run folder fine-tunes as --model (its model/ is the Hugging Face folder)
+    clf = duoclass.train(toy, model=str(run), epochs=1, lr=1e-3, output=str(tmp_path / "ft"), **FAST)
     cfg = clf.config_
-    assert cfg["model"]["name"] == f"hf:{tmp_path / 'mlm'}" and cfg["model"]["args"]["hf_config"]["model_type"] == "albert"
+    assert cfg["model"]["name"] == f"hf:{run / 'model'}" and cfg["model"]["args"]["hf_config"]["model_type"] == "albert"
     # the model folder rebuilds offline even when the pretraining folder is gone
     import shutil
 
-    shutil.rmtree(tmp_path / "mlm")
+    shutil.rmtree(run)
     assert len(duoclass.load(clf.result_.model_dir, device="cpu").predict(["great", "bad"])) == 2
 
 

@@ -58,7 +58,7 @@ def resolve_settings(cfg: TrainConfig) -> TrainConfig:
         cfg = dataclasses.replace(cfg, model=f"hf:{cfg.model}")
     task = infer_task(cfg)
     model, pretrained = cfg.model, cfg.pretrained
-    if task == "text" and model == "msresnet":
+    if task == "text" and model == TrainConfig.model:  # the untouched default is an image model
         model = TEXT_DEFAULT_MODEL
     by_model = model_task(model)
     if by_model is not None and by_model != task:
@@ -115,14 +115,13 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, **s
 
 def _check_early(cfg: TrainConfig) -> None:
     """Fail on a wrong image-model name, resume folder or head before any data is read or file written."""
-    from .models import get_spec, unknown_model_error
+    from .models import input_kind
 
     if cfg.resume and not (Path(cfg.resume) / "state.pt").is_file():
         raise DuoclassError(
             f"{Path(cfg.resume) / 'state.pt'}: no training state to resume from; pass the --output folder of an earlier run"
         )
-    if cfg.task == "image" and not cfg.model.startswith("timm:") and get_spec(cfg.model) is None:
-        raise unknown_model_error(cfg.model)
+    input_kind(cfg.model)  # an unknown model name fails here, before any data is read
     if cfg.task == "text":
         from .models.text_models import check_head
 

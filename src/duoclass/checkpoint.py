@@ -518,7 +518,8 @@ def _write_folder(folder: Path, base: dict[str, Any], blobs: dict[str, bytes]) -
     extra = [k for k in base if k not in _KEYS]
     if extra:
         raise DuoclassError(f"{folder}: unknown model folder config key {extra[0]!r} (known: {', '.join(_KEYS)})")
-    cfg["files"] = {rel: hashlib.sha256(data).hexdigest() for rel, data in sorted(blobs.items())}
+    blobs = {WEIGHTS: blobs[WEIGHTS], **{rel: blobs[rel] for rel in sorted(blobs) if rel != WEIGHTS}}  # one order for every save
+    cfg["files"] = {rel: hashlib.sha256(data).hexdigest() for rel, data in blobs.items()}
     cfg["config_sha256"] = config_digest(cfg)
     problem = config_problem(cfg)
     if problem:

@@ -155,8 +155,9 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     from . import api
     from .predict import predict_to_csv
 
-    clf = api.load(ns.model_dir, device=ns.device)
-    n, failed = predict_to_csv(clf, ns.input, ns.output, top_k=ns.top_k, batch_size=ns.batch_size, text_column=ns.text_column)
+    clf = api.load(ns.model_dir, device=ns.device, backend=ns.backend)
+    n, failed = predict_to_csv(clf, ns.input, ns.output, top_k=ns.top_k, batch_size=ns.batch_size, text_column=ns.text_column,
+                               labels_only=ns.labels_only)
     if ns.output:
         print(f"wrote {n} predictions to {ns.output}" + (f" ({failed} inputs could not be read: see the error column)" if failed else ""))
     return 0
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--text-column", default=None, help="text models: column holding the text (default: the training one)")
+    pr.add_argument("--labels-only", action="store_true", help="write only the first two columns (path or id, label)")
+    pr.add_argument("--backend", default="torch", help="what runs the model (torch)")
     pr.set_defaults(func=cmd_predict)
 
     pt = sub.add_parser("pretrain", help="masked-language-model pretraining on unlabelled text (writes an HF folder)",

@@ -436,7 +436,6 @@ class PretrainConfig:
     lowercase: bool = _f(True, "lowercase text for the tokenizer trained from scratch")
     seed: int = _f(0, "random seed")
     device: str = _f("auto", "where to train: auto, cpu, cuda, mps")
-    log_every: int = _f(50, "log the loss every N steps")
     valid_fraction: float = _f(0.05, "share of the corpus (at most 1,000 texts) held out to measure the masked-LM loss "
                                      "every epoch; the folder keeps the epoch with the lowest")
     resume: Optional[str] = _f(None, "continue an interrupted pretraining run from its --output folder")
@@ -448,11 +447,13 @@ class PretrainConfig:
         def bad(name: str, msg: str) -> None:
             raise DuoclassError(f"--{name.replace('_', '-')}: {msg}")
 
-        for name in ("epochs", "batch_size", "log_every"):
+        for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 bad(name, f"got {getattr(self, name)}; must be a positive integer")
         if self.max_steps < 0:
             bad("max_steps", f"got {self.max_steps}; must be >= 0 (0 = all epochs)")
+        if not 0 <= self.valid_fraction < 1:
+            bad("valid_fraction", f"got {self.valid_fraction}; a share in [0, 1), e.g. 0.05")
         if not self.lr > 0:
             bad("lr", f"got {self.lr}; the learning rate must be > 0, e.g. --lr 5e-4")
         if self.weight_decay < 0:

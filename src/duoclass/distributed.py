@@ -97,7 +97,7 @@ def prepare_once(cfg: "TrainConfig", prepare: Callable[..., "TaskData"]) -> "Tas
     preprocessing settings and files ({name: bytes}); the others build their datasets with that
     preprocessor, `prepare(cfg, given=...)`, instead of training their own.
     """
-    from .engine import pick_device
+    from .backends import pick_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         data = prepare(cfg)

@@ -57,6 +57,7 @@ from .predict import cross_entropy, predict_probs
 log = logging.getLogger("duoclass")
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+SHORT = {"accuracy": "acc", "f1_macro": "f1"}  # names in the per-epoch log line
 
 
 # --- randomness -----------------------------------------------------------------------------
@@ -402,16 +403,14 @@ class RunResult:
 
 
 def model_config(cfg: TrainConfig, data: TaskData, model_name: str, model_args: dict[str, Any]) -> dict[str, Any]:
-    """The config.json of a model folder: everything needed to rebuild, feed and evaluate the model."""
-    return {
-        "task": data.task,
-        "model": {"name": model_name, "args": model_args},
-        "classes": list(data.classes),
-        "preprocessing": data.preprocessor.to_config(),
-        "inputs": data.preprocessor.inputs(),
-        "evaluation": {"tta": bool(cfg.tta), "top_k": cfg.top_k},
-        "training": {"data": cfg.data, "seed": cfg.seed, "epochs": cfg.epochs},
-    }
+    """The config.json of a model folder (schema: checkpoint.py): everything needed to rebuild, feed and evaluate it."""
+    from .checkpoint import model_folder_config
+
+    return model_folder_config(
+        data.task, model_name, model_args, data.classes, data.preprocessor.to_config(),
+        evaluation={"tta": bool(cfg.tta), "top_k": cfg.top_k}, inputs=data.preprocessor.inputs(),
+        training={"data": cfg.data, "seed": cfg.seed, "epochs": cfg.epochs},
+    )
 
 
 def show_progress(cfg: TrainConfig, d: Dist) -> bool:
@@ -530,7 +529,7 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
             if cfg.select_metric not in shown:
                 shown.append(cfg.select_metric)
             log.info("epoch %d/%d  train_loss %.4f  %s%s  (%.1fs)", epoch + 1, cfg.epochs, train_loss,
-                     "  ".join(f"valid_{m.replace('accuracy', 'acc').replace('f1_macro', 'f1')} {vm[m]:.4f}" for m in shown),
+                     "  ".join(f"valid_{SHORT.get(m, m)} {vm[m]:.4f}" for m in shown),
                      "  *best*" if improved else "", time.time() - t0)
             if writer is not None:
                 for k, v in row.items():
@@ -579,7 +578,7 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
 def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model_dir: Path, device: torch.device,
                           best_epoch: int, history: list[dict], start: float, d: Dist) -> RunResult | None:
     """Evaluate the saved best model folder (the artifact users get) on valid and test; write reports (rank 0)."""
-    from . import checkpoint
+    from .checkpoint import update_model_folder_metrics
     from .classifier import Classifier
 
     if not d.main:
@@ -598,11 +597,7 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
     summary = {"best_epoch": best_epoch, "valid": valid, "test": test, "skipped_files": skipped,
                "ignored_files": ignored, "seconds": round(seconds, 1), "model_dir": str(model_dir)}
     atomic_write_json(run_dir / "metrics.json", summary)
-    metrics = {"epoch": best_epoch, "valid": valid, "test": test}
-    if hasattr(checkpoint, "update_model_folder_metrics"):
-        checkpoint.update_model_folder_metrics(model_dir, metrics)
-    else:
-        atomic_write_json(model_dir / "metrics.json", metrics)
+    update_model_folder_metrics(model_dir, {"epoch": best_epoch, "valid": valid, "test": test})
     if data.skipped:
         buf = io.StringIO()
         w = csv.writer(buf)

@@ -226,8 +226,8 @@ def prepare_images(cfg: Any) -> "TaskData":
         mean, std = channel_stats(train.cache)  # type: ignore[arg-type]
     else:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    if cfg.model.startswith("timm:") and cfg.pretrained:
-        mean, std = None, None  # keep the pretrained model's own constants
+    if cfg.pretrained:
+        mean, std = None, None  # pretrained weights keep their own normalisation constants
     pre = ImagePreprocessor(size)
     return TaskData(
         task="image",

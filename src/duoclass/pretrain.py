@@ -140,8 +140,12 @@ def _tokenizer_and_model(cfg: PretrainConfig, texts: list[str], d: Any) -> tuple
     from .models.text_models import ALBERT_SIZES, albert_config, is_hf_folder, load_hf_config, transformers_module
     from .text import load_hf_tokenizer, train_tokenizer
 
+    from .models import get_spec
+
     tf = transformers_module()
-    size = cfg.model[len("albert-scratch-"):] if cfg.model.startswith("albert-scratch-") else None
+    spec = get_spec(cfg.model)
+    trained = spec is not None and spec.input == "trained-tokenizer"  # a tokenizer trained here (albert-scratch-*)
+    size = cfg.model.rsplit("-", 1)[-1] if trained else None
     if size is not None:
         if size not in ALBERT_SIZES:
             raise DuoclassError(f"--model {cfg.model}: unknown size; use {', '.join('albert-scratch-' + s for s in ALBERT_SIZES)}")
@@ -271,6 +275,9 @@ def _write_folder(out: Path, model: Any, tok: Any, info: dict[str, Any]) -> None
     if out.exists() and not (out / "pretrain.json").is_file() and any(out.iterdir()):
         raise DuoclassError(f"{out}: exists and was not written by `duoclass pretrain`; pass a new --output")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: give the folder the permissions the umask allows
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -265,7 +265,7 @@ def _offline_error(source: str) -> DuoclassError:
     return DuoclassError(
         f"hf:{source}: the pretrained weights need a download from the Hugging Face hub, which is not reachable from "
         "here (and they are not in the local cache); train without pretrained weights with `--model tfidf-mlp` "
-        "(duoclass's most accurate model that needs none; albert-scratch-tiny and fasttext need none either), "
+        "(the most accurate duoclass model that needs none), `--model albert-scratch-tiny` or `--model fasttext`, "
         "or pass a local folder with config.json, weights and tokenizer (--model path/to/folder)"
     )
 
