@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench clean-venv
+.PHONY: demo test test-slow test-gpu bench bench-quick clean-venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,12 +21,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-## Long checks on the real datasets in ../shared/data
+## Long checks on the real datasets in ../shared/data (tests/test_slow.py; they skip when the data is absent)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+## CUDA checks (tests/test_gpu.py; they skip without a CUDA device)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+## The fused AdamW step against PyTorch's per-tensor loop: step times on real duoclass models, then
+## tfidf-mlp training on ../shared/data/text/chnsenticorp_htl with each. Writes runs/bench/optimizer_step.json
+## (the committed figures are in benchmarks/results/ and benchmarks/RESULTS.md); BENCH_ARGS adds options.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/optimizer_step.py --out runs/bench/optimizer_step.json $(BENCH_ARGS)
+
+## The step part alone (a minute or two; no shared data needed)
+bench-quick: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/optimizer_step.py --parts step --steps 10 \
+		--out runs/bench/optimizer_step_quick.json $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -393,11 +393,14 @@ def test_training_skips_bad_files_and_leaves_data_alone(tree, tmp_path) -> None:
         assert r["status"] == "bad" and LAYOUT[key][3] in r["reason"], r
         assert r["label"] == LAYOUT[key][1]
 
-    # the model reads the convertible files the same way at prediction time; bad ones are named
+    # the model reads the convertible files the same way at prediction time; a bad one gets its own
+    # error (naming the file and why) and does not stop the others
     preds = clf.predict([str(tree / rel(tree, k)) for k in CONVERTED])
     assert len(preds) == len(CONVERTED) and set(preds) <= set(CLASSES)
-    with pytest.raises(duoclass.DuoclassError, match="truncated"):
-        clf.predict([str(tree / rel(tree, "truncated"))])
+    truncated = str(tree / rel(tree, "truncated"))
+    results = clf.predict_results([truncated, str(tree / rel(tree, "cmyk"))])
+    assert not results[0].ok and "truncated" in results[0].error and "truncated.jpg" in results[0].error
+    assert results[1].ok and results[1].label in CLASSES
 
     # the data folder is byte-for-byte unchanged: same paths, same contents
     assert hashes(tree) == before

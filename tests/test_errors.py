@@ -383,12 +383,13 @@ def test_evaluate_column_flags(trained: tuple[Path, Path], tmp_path: Path) -> No
     data, model = trained
     files = sorted((data / "test").rglob("*.png"))
     manifest = tmp_path / "holdout.csv"
-    manifest.write_text("file,truth,split\n" + "".join(f"{f},{f.parent.name},test\n" for f in files), encoding="utf-8")
-    r = run_cli(tmp_path, ["evaluate", model, manifest, "--path-column", "file", "--label-column", "truth", "--json"])
+    manifest.write_text("file,truth\n" + "".join(f"{f},{f.parent.name}\n" for f in files), encoding="utf-8")
+    r = run_cli(tmp_path, ["evaluate", model, manifest, "--split", "train", "--path-column", "file", "--label-column",
+                           "truth", "--json"])
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout)
     assert m["n"] == len(files) == 8 and 0 <= m["accuracy"] <= 1
-    r = run_cli(tmp_path, ["evaluate", model, manifest, "--json"])  # the training columns: path, label
+    r = run_cli(tmp_path, ["evaluate", model, manifest, "--split", "train", "--json"])  # the training columns: path, label
     assert r.returncode == 2 and "no 'path' column" in r.stderr and "--path-column" in r.stderr
 
 
@@ -431,7 +432,9 @@ def test_planted_pickle_state_is_refused(trained: tuple[Path, Path], tmp_path: P
     # and through the CLI: --resume of that run
     r = run_cli(tmp_path, ["train", "--resume", run, "--epochs", "2"])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {run / 'state.pt'}: training state is unreadable")
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {run / 'state.pt'}: training state is unreadable"), r.stderr[-2000:]
+    assert lines[-1].endswith("start a new run without --resume")  # one line, however long the library's message
     assert not marker.exists()
 
 

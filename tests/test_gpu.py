@@ -29,8 +29,6 @@ def test_image_training_on_cuda_with_amp_loads_on_cpu(digits: Path, tmp_path: Pa
     r = run_cli("train", str(digits), *IMAGE_ARGS, "--output", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "device cuda" in r.stderr
-    saved = (tmp_path / "run" / "config.yaml").read_text()
-    assert "amp: true" in saved
     acc = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["accuracy"]
     assert acc > 0.8, acc  # 10 classes: chance is 0.1
     folder = tmp_path / "run" / "model"
@@ -44,6 +42,37 @@ def test_image_training_on_cuda_with_amp_loads_on_cpu(digits: Path, tmp_path: Pa
     assert (pg.argmax(1) == pc.argmax(1)).mean() >= 0.99
     # the run's own test figure came from bf16 autocast on the GPU; float32 on the CPU agrees to a few images
     assert cpu.evaluate(digits, split="test")["accuracy"] == pytest.approx(acc, abs=0.02)
+
+
+def training_dtypes(data: Path, out: Path, device: str, amp: bool) -> set[torch.dtype]:
+    """dtypes of the classifier layer's output during the training steps of `engine.fit` (one epoch)."""
+    from duoclass import engine
+    from duoclass.api import prepare, resolve_settings
+    from duoclass.config import TrainConfig
+    from duoclass.models import create_model
+
+    cfg = resolve_settings(TrainConfig(data=str(data), model="msresnet-tiny", image_size=16, epochs=1, batch_size=64,
+                                       device=device, amp=amp, workers=0, progress=False, tensorboard=False,
+                                       output=str(out)))
+    data_ = prepare(cfg)
+    args = {k: v for k, v in data_.model_args.items() if v is not None}
+    model = create_model("msresnet-tiny", len(data_.classes), dropout=cfg.dropout, **args)
+    seen: set[torch.dtype] = set()
+
+    def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if module.training and torch.is_grad_enabled():  # a training step, not validation
+            seen.add(output.dtype)
+
+    model.backbone.fc.register_forward_hook(record)
+    engine.fit(cfg, data_, model=model)
+    return seen
+
+
+def test_amp_really_runs_the_training_steps_in_half_precision(digits: Path, tmp_path: Path) -> None:
+    """--amp (the default) puts the training forward pass under bf16 (or fp16) autocast; --no-amp keeps float32."""
+    half = training_dtypes(digits, tmp_path / "amp", "cuda", amp=True)
+    assert half and half <= {torch.bfloat16, torch.float16}, half
+    assert training_dtypes(digits, tmp_path / "fp32", "cuda", amp=False) == {torch.float32}
 
 
 def test_resume_on_cuda(digits: Path, tmp_path: Path) -> None:

@@ -168,3 +168,27 @@ class Classifier:
         m["skipped_files"] += empty  # text rows with empty text are skipped when reading, as in training
         m["tta"] = self.tta
         return m
+
+    # --- robustness (image models) ------------------------------------------------------------
+    def evaluate_robust(self, data: str | Path, split: str = "test", attack: str = "pgd",
+                        eps: str | float | Sequence[str | float] = "8/255", steps: int | None = None,
+                        max_examples: int | None = None, batch_size: int = 64, seed: int = 0,
+                        path_column: str | None = None, label_column: str | None = None) -> dict[str, Any]:
+        """Clean and robust accuracy under one L-inf attack ("fgsm", "pgd" or "autoattack") at each eps
+        (e.g. ["2/255", "8/255"]), in [0, 1] pixel space; `steps` is PGD's iterations (default 10) and
+        `max_examples` evaluates N examples spread over the split. See robust_eval.py."""
+        from .robust_eval import evaluate_robust
+
+        return evaluate_robust(self, data, split, attack, eps, steps, max_examples, batch_size, seed, path_column,
+                               label_column)
+
+    def certify(self, data: str | Path, split: str = "test", sigma: float = 0.25, n: int = 1000, n0: int = 100,
+                alpha: float = 0.001, batch_size: int = 200, max_examples: int | None = None, seed: int = 0,
+                output: str | Path | None = None, path_column: str | None = None,
+                label_column: str | None = None) -> dict[str, Any]:
+        """Randomized-smoothing certificates (Cohen et al. 2019): per image a prediction or an abstention and a
+        certified L2 radius, plus certified accuracy at radius 0, 0.25, 0.5, 0.75, 1. See certify.py."""
+        from .certify import certify
+
+        return certify(self, data, split, sigma, n, n0, alpha, batch_size, max_examples, seed, output=output,
+                       path_column=path_column, label_column=label_column)

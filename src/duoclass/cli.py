@@ -2,6 +2,8 @@
 
     duoclass train DATA --model msresnet --epochs 30 --output runs/x
     duoclass evaluate runs/x/model DATA --split test --json
+    duoclass evaluate runs/x/model DATA --attack pgd,autoattack --eps 2/255,8/255 --max-examples 500
+    duoclass certify runs/x/model DATA --sigma 0.25 --n 1000 --output certify.csv
     duoclass predict runs/x/model INPUT --output predictions.csv --top-k 3
     duoclass clean DATA --quarantine quarantine/ --report clean_report
     duoclass tune DATA --trials 20 --epochs 5 --study-dir runs/tune   # then: duoclass train --config runs/tune/best.yaml
@@ -135,10 +137,26 @@ def cmd_tune(ns: argparse.Namespace) -> int:
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from . import api
 
-    m = api.load(ns.model_dir, device=ns.device).evaluate(
+    clf = api.load(ns.model_dir, device=ns.device)
+    robust = None
+    attack_only = {"--eps": ns.eps, "--steps": ns.steps, "--max-examples": ns.max_examples, "--plot": ns.plot, "--seed": ns.seed}
+    if ns.attack:  # attacks first: an attack on a text model fails before the clean pass
+        from .robust_eval import evaluate_attacks, plot_robustness
+
+        if ns.eps is None:
+            raise DuoclassError(f"--attack {ns.attack}: needs --eps, the perturbation budgets, e.g. --eps 2/255,4/255,8/255")
+        robust = evaluate_attacks(clf, ns.data, ns.attack, ns.eps, ns.split, ns.steps, ns.max_examples, ns.batch_size,
+                                  ns.seed or 0, ns.path_column, ns.label_column)
+        if ns.plot:
+            plot_robustness(robust, ns.plot, title=f"robust accuracy, {Path(ns.model_dir).name} on {ns.split}")
+    elif given := [f for f, v in attack_only.items() if v is not None]:
+        raise DuoclassError(f"{given[0]}: only used with --attack; add e.g. --attack pgd, or drop {given[0]}")
+    m = clf.evaluate(
         ns.data, split=ns.split, batch_size=ns.batch_size, top_k=ns.top_k,
         text_column=ns.text_column, label_column=ns.label_column, path_column=ns.path_column,
     )
+    if robust is not None:
+        m["robust"] = robust
     if ns.json:
         print(json.dumps(m))
     else:
@@ -148,6 +166,31 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
             print(f"  {c:>20}  precision {s['precision']:.4f}  recall {s['recall']:.4f}  f1 {s['f1']:.4f}  n={s['support']}")
         if m.get("skipped_files"):
             print(f"skipped {m['skipped_files']} unreadable files")
+        if robust is not None:
+            from .robust_eval import summary_lines
+
+            print("\n".join(summary_lines(robust)))
+        if ns.plot:
+            print(f"robustness curve: {ns.plot}")
+    return 0
+
+
+def cmd_certify(ns: argparse.Namespace) -> int:
+    from . import api
+
+    c = api.load(ns.model_dir, device=ns.device).certify(
+        ns.data, split=ns.split, sigma=ns.sigma, n=ns.n, n0=ns.n0, alpha=ns.alpha, batch_size=ns.batch_size,
+        max_examples=ns.max_examples, seed=ns.seed, output=ns.output, path_column=ns.path_column,
+        label_column=ns.label_column,
+    )
+    if ns.json:
+        print(json.dumps(c))
+    else:
+        from .certify import summary_lines
+
+        print("\n".join(summary_lines(c)))
+        if ns.output:
+            print(f"wrote {c['examples']} certificates to {ns.output}")
     return 0
 
 
@@ -271,7 +314,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-column", default=None, help="column holding the label (default: the training one)")
     e.add_argument("--path-column", default=None,
                    help="image CSV manifests: column holding the image path (default: the training one)")
+    e.add_argument("--attack", default=None, metavar="NAME[,NAME]",
+                   help="image models: also robust accuracy under L-inf attacks in [0, 1] pixel space: fgsm, pgd, "
+                        "autoattack (the check that PGD is not fooled by masked gradients), or a comma list")
+    e.add_argument("--eps", default=None, metavar="EPS[,EPS]",
+                   help="with --attack: perturbation budgets, comma-separated, e.g. 2/255,4/255,8/255")
+    e.add_argument("--steps", type=int, default=None, help="with --attack pgd: iterations, step 2.5*eps/steps (default: 10)")
+    e.add_argument("--max-examples", type=int, default=None, metavar="N",
+                   help="with --attack: attack N examples spread over the split (AutoAttack is slow on CPUs)")
+    e.add_argument("--seed", type=int, default=None, help="with --attack: seed of the random starts (default: 0)")
+    e.add_argument("--plot", default=None, metavar="FILE.png", help="with --attack: write accuracy against eps as a PNG")
     e.set_defaults(func=cmd_evaluate)
+
+    ce = sub.add_parser("certify", help="image models: certified L2 robustness by randomized smoothing (Cohen et al. 2019)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ce.add_argument("model_dir")
+    ce.add_argument("data")
+    ce.add_argument("--sigma", type=float, required=True,
+                    help="Gaussian noise level in [0, 1] pixel units; the model should be trained with it (--noise-augment)")
+    ce.add_argument("--n", type=int, default=1000, help="noisy samples per image for the estimate")
+    ce.add_argument("--n0", type=int, default=100, help="noisy samples per image to choose the top class")
+    ce.add_argument("--alpha", type=float, default=0.001, help="chance that a certificate is wrong")
+    ce.add_argument("--batch-size", type=int, default=200, help="noisy copies per forward pass")
+    ce.add_argument("--max-examples", type=int, default=None, metavar="N", help="certify N images spread over the split")
+    ce.add_argument("--split", default="test")
+    ce.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    ce.add_argument("--output", default=None, metavar="FILE.csv", help="write one row per image to this CSV")
+    ce.add_argument("--json", action="store_true", help="print the results (per image too) as JSON on stdout")
+    ce.add_argument("--device", default="auto")
+    ce.add_argument("--label-column", default=None, help="column holding the label (default: the training one)")
+    ce.add_argument("--path-column", default=None,
+                    help="image CSV manifests: column holding the image path (default: the training one)")
+    ce.set_defaults(func=cmd_certify)
 
     pr = sub.add_parser("predict", help="predict a file, folder, zip or CSV of inputs into a CSV")
     pr.add_argument("model_dir")
@@ -312,12 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(e: Exception) -> str:
+    """The message on one line, however many lines a wrapped library error brought into it."""
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         ns = build_parser().parse_args(argv)  # flag values are converted by the settings, which may raise
     except DuoclassError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     ns.argv = argv
     rank = int(os.environ.get("RANK", "0"))
@@ -331,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             ns.max_pixels = DEFAULT_MAX_PIXELS
         return ns.func(ns)
     except DuoclassError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; resume training with --resume RUN_DIR", file=sys.stderr)

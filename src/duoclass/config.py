@@ -14,8 +14,8 @@ This module imports neither torch nor the image code, so the CLI can build its p
 from __future__ import annotations
 
 import dataclasses
-import functools
 import difflib
+import functools
 import logging
 import math
 import os

@@ -11,7 +11,10 @@ Three seams, so new capabilities plug in without a second loop:
 
     model=   an nn.Module already built (pruned, quantization-aware, a masked language model, ...)
     step=    `step(ctx, inputs, labels) -> loss`: turns one batch into a loss and gradients
-             (`standard_step` is cross-entropy; an adversarial step perturbs the inputs first)
+             (`standard_step` is cross-entropy; an adversarial step perturbs the inputs first).
+             A step object may also have `describe() -> dict` (recorded in the model folder's
+             training settings) and `after_epoch(model, epoch) -> {"metrics": {...}, "stop": reason}`
+             (extra validation metrics; a stop reason ends the run without keeping that epoch)
     data.batches   a BatchSource (len + epoch(i) -> batches) instead of the DataLoader, e.g. data
              kept on the GPU with augmentation done there in batches
 
@@ -402,14 +405,16 @@ class RunResult:
     seconds: float
 
 
-def model_config(cfg: TrainConfig, data: TaskData, model_name: str, model_args: dict[str, Any]) -> dict[str, Any]:
-    """The config.json of a model folder (schema: checkpoint.py): everything needed to rebuild, feed and evaluate it."""
+def model_config(cfg: TrainConfig, data: TaskData, model_name: str, model_args: dict[str, Any],
+                 how: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config.json of a model folder (schema: checkpoint.py): everything needed to rebuild, feed and evaluate it;
+    `how` records how the model was trained (the training step's settings, e.g. adversarial mode and epsilon)."""
     from .checkpoint import model_folder_config
 
     return model_folder_config(
         data.task, model_name, model_args, data.classes, data.preprocessor.to_config(),
         evaluation={"tta": bool(cfg.tta), "top_k": cfg.top_k}, inputs=data.preprocessor.inputs(),
-        training={"data": cfg.data, "seed": cfg.seed, "epochs": cfg.epochs},
+        training={"data": cfg.data, "seed": cfg.seed, "epochs": cfg.epochs, **(how or {"step": "standard"})},
     )
 
 
@@ -430,6 +435,7 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
     optuna.TrialPruned there to stop a bad trial early. Meant for single-process runs.
     """
     start = time.time()
+    step = step or standard_step
     if cfg.lr is None or cfg.dropout is None:
         raise DuoclassError("fit: no learning rate or dropout; pass the settings through api.resolve_settings first")
     device = pick_device(cfg.device)
@@ -464,11 +470,12 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
     if d.world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx = StepContext(train_model, loss_fn, device, use_amp, scaler)
-    step = step or standard_step
     evaluate = data.evaluate or (lambda m, split: evaluate_dataset(
         m, getattr(data, split), data.collate, cfg, device, data.classes, d, use_amp, cfg.tta))
+    how = step.describe() if hasattr(step, "describe") else {"step": "standard"}  # recorded in the model folder
     save = data.save or (lambda folder, m, metrics: save_model_folder(
-        folder, m.state_dict(), model_config(cfg, data, model_name, model_args), metrics=metrics, extra_files=data.extra_files))
+        folder, m.state_dict(), model_config(cfg, data, model_name, model_args, how), metrics=metrics,
+        extra_files=data.extra_files))
 
     # resume
     epoch0, best, best_epoch, bad_epochs, history = 0, None, 0, 0, []
@@ -515,10 +522,19 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
         eval_model = ema.model if ema is not None else model
         sync_buffers(eval_model, d)
         vm = evaluate(eval_model, "valid")
+        # a step may measure more after each epoch (adversarial training: accuracy under attack on a fixed
+        # valid batch) and ask to stop when training went wrong (catastrophic overfitting): then this epoch
+        # is not kept and the model folder stays at the last good one
+        report = step.after_epoch(eval_model, epoch) if hasattr(step, "after_epoch") else {}
         stop = False
         if d.main:
+            vm.update(report.get("metrics", {}))
             score = vm[cfg.select_metric]
-            improved, best, bad_epochs = select(cfg.select_metric, score, best, bad_epochs)
+            if report.get("stop"):
+                improved, stop = False, True
+                log.warning("epoch %d: %s; stopping, the model folder keeps epoch %d", epoch + 1, report["stop"], best_epoch)
+            else:
+                improved, best, bad_epochs = select(cfg.select_metric, score, best, bad_epochs)
             if improved:
                 best_epoch = epoch + 1
                 save(model_dir, eval_model, {"epoch": epoch + 1, "valid": vm})

@@ -8,7 +8,7 @@ kept. CSVs may be UTF-8 (with or without BOM) or GBK/GB18030; quoted newlines ar
 with empty text is skipped and counted (RUN_DIR/skipped.csv); an empty label, a duplicate id
 or a missing column is an error naming the file and line.
 
-Ways to turn text into ids, picked by the model (models.text_models.text_input_kind):
+Ways to turn text into ids, picked by the model's registry entry (models.input_kind):
 
     hf          a Hugging Face tokenizer: the checkpoint's own, or one trained here on the
                 training texts (WordPiece; character-level when the text is mostly Chinese)
@@ -172,9 +172,9 @@ def resumed_preprocessor(folder: Path, kind: str) -> TextPreprocessor | None:
     processes). None when the folder holds none (the run wrote no model folder, or one of another
     kind); the caller then builds one from the data. A damaged folder is an error, as on loading.
     """
-    from .checkpoint import read_model_config
+    from .checkpoint import read_model_config, recover_model_folder
 
-    if not (folder / "config.json").is_file():
+    if not recover_model_folder(folder):  # finishes a save interrupted between its two renames
         return None
     pcfg = read_model_config(folder)["preprocessing"]
     if pcfg.get("tokenizer") != ("ngram-vocab" if kind == "ngram-vocab" else "hf"):
@@ -189,7 +189,8 @@ def build_preprocessor(cfg: Any, train_texts: Sequence[str],
     given: {"preprocessing": to_config(), "files": {name: bytes}, "model_args": ...} of a
     preprocessor built elsewhere (rank 0 under torchrun): loaded as from a model folder, not rebuilt.
     """
-    from .models.text_models import DEFAULT_BUCKETS, MAX_POSITIONS, hf_config_dict, load_hf_config, text_input_kind
+    from .models import input_kind
+    from .models.text_models import DEFAULT_BUCKETS, MAX_POSITIONS, hf_config_dict, load_hf_config
 
     if given is not None:
         import tempfile
@@ -203,8 +204,8 @@ def build_preprocessor(cfg: Any, train_texts: Sequence[str],
                 path.write_bytes(blob)
             pre = TextPreprocessor.from_config(given["preprocessing"], Path(tmp))
         return pre, dict(given["model_args"])
-    kind = text_input_kind(cfg.model)
-    if kind in ("ngram-vocab", "trained") and getattr(cfg, "resume", None):
+    kind = input_kind(cfg.model)  # the registry says what the model reads
+    if kind in ("ngram-vocab", "trained-tokenizer") and getattr(cfg, "resume", None):
         pre = resumed_preprocessor(Path(cfg.resume) / "model", kind)
         if pre is not None:
             log.info("resume: keeping the %s saved in %s (not rebuilt from the data)",
@@ -219,7 +220,7 @@ def build_preprocessor(cfg: Any, train_texts: Sequence[str],
         pre = TextPreprocessor("ngram-vocab", cfg.max_length, cfg.lowercase, source=f"{len(ngrams['features'])} n-grams",
                                text_column=cfg.text_column, label_column=cfg.label_column, ngrams=ngrams)
         return pre, _data_model_args(pre, cfg.pooling)
-    if kind == "trained":
+    if kind == "trained-tokenizer":
         tok, how = train_tokenizer(train_texts, cfg.vocab_size, cfg.lowercase)
         pre = TextPreprocessor("hf", min(cfg.max_length, MAX_POSITIONS), cfg.lowercase, tok, how,
                                text_column=cfg.text_column, label_column=cfg.label_column)

@@ -6,7 +6,7 @@
 
 Only the training split is augmented; valid and test texts are never touched. An example is cut
 into *units*: words for space-separated text, single characters for Chinese (CJK ideographs, the
-same test as text.CJK), so one code path serves both. Every operation has its own rate:
+same test as preprocess.CJK), so one code path serves both. Every operation has its own rate:
 
     delete      each unit is dropped with this probability (one unit always survives)
     insert      for each unit, with this probability, a neighbour of a random unit is inserted
@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from .errors import DuoclassError
+from .preprocess import CJK, CJK_CLASS
 
 log = logging.getLogger("duoclass")
 
 # A CJK ideograph is a unit on its own; anything else is cut at whitespace (and at CJK ideographs).
-_CJK_CLASS = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_UNIT = re.compile(rf"[{_CJK_CLASS}]|[^\s{_CJK_CLASS}]+")
-_IS_CJK = re.compile(rf"[{_CJK_CLASS}]")
+_UNIT = re.compile(rf"[{CJK_CLASS}]|[^\s{CJK_CLASS}]+")
+_IS_CJK = CJK
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,296 @@
+"""Robust accuracy: how much of an image model's accuracy survives an adversarial attack of size eps.
+
+    clf = duoclass.load("runs/x/model")
+    r = clf.evaluate_robust("data/", split="test", attack="pgd", eps=["2/255", "8/255"], steps=10)
+    r["clean_accuracy"], r["results"]   # 0.95, [{"eps": 0.00784, "eps_text": "2/255", "accuracy": 0.81, ...}, ...]
+
+    duoclass evaluate runs/x/model data/ --attack fgsm,pgd,autoattack --eps 2/255,4/255,8/255 --plot robust.png
+
+Attacks are L-inf and work in [0, 1] pixel space (normalisation is inside the model). Robust
+accuracy at eps is the share of examples still classified correctly after the attack; an example
+misclassified clean counts as wrong, so eps = 0 gives the clean accuracy. FGSM and PGD come from
+attacks.py; AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) from torchattacks. PGD
+figures well above AutoAttack's at the same eps mean the gradients are masked and PGD is not to be
+trusted. CPU example: `duoclass evaluate runs/demo/model runs/demo/digits --attack pgd --eps 8/255
+--max-examples 100` takes seconds.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import DuoclassError
+
+log = logging.getLogger("duoclass")
+
+ATTACKS = ("fgsm", "pgd", "autoattack")
+DEFAULT_STEPS = 10  # PGD iterations
+
+
+# --- settings ---------------------------------------------------------------------------------
+def parse_eps_list(eps: str | float | Sequence[str | float], flag: str = "--eps") -> list[tuple[float, str]]:
+    """(value, text as given) per budget: "2/255,8/255", 0.03, or a list of either."""
+    from .attacks import parse_eps
+
+    items: list[Any] = eps.split(",") if isinstance(eps, str) else [eps] if isinstance(eps, (int, float)) else list(eps)
+    out = []
+    for item in items:
+        text = item.strip() if isinstance(item, str) else item
+        if text == "":
+            raise DuoclassError(f"{flag} {eps}: an empty budget; give comma-separated values, e.g. {flag} 2/255,4/255,8/255")
+        out.append((parse_eps(text, flag), str(text)))
+    if not out:
+        raise DuoclassError(f"{flag}: no budget given; pass e.g. {flag} 2/255,4/255,8/255")
+    return out
+
+
+def parse_attacks(attack: str | Sequence[str]) -> list[str]:
+    """Attack names from "pgd", "fgsm,pgd" or a list; each known and given once."""
+    names = [a.strip().lower() for a in (attack.split(",") if isinstance(attack, str) else attack)]
+    for a in names:
+        if a not in ATTACKS:
+            raise DuoclassError(f"--attack {a or repr(a)}: unknown attack; choose from: {', '.join(ATTACKS)} "
+                                "(several as a comma list, e.g. --attack fgsm,pgd)")
+    if len(set(names)) != len(names):
+        raise DuoclassError(f"--attack {','.join(names)}: an attack is named twice; name each once")
+    if not names:
+        raise DuoclassError(f"--attack: no attack given; choose from: {', '.join(ATTACKS)}")
+    return names
+
+
+def check_positive(value: int | None, flag: str, example: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+        raise DuoclassError(f"{flag} {value}: must be a whole number >= 1, e.g. {flag} {example}")
+
+
+# --- reading a split --------------------------------------------------------------------------
+@dataclass
+class LabelledImages:
+    """A split read with the classifier's preprocessor: what the model sees at prediction time."""
+
+    pixels: np.ndarray  # uint8 (N, 3, S, S)
+    labels: np.ndarray  # int64 (N,), indices into the classifier's classes_
+    names: list[str]  # the image refs, for messages and CSVs
+    skipped: int  # unreadable images left out (each logged)
+
+
+def require_image_model(clf: Any, what: str, fix: str) -> None:
+    """One clear error when `clf` is not a torch image model (e.g. an attack on a text model)."""
+    clf._check()
+    if clf.task != "image":
+        raise DuoclassError(f"{what}: {clf.config_['model']['name']} is a text model, and this works on images in "
+                            f"[0, 1] pixel space; {fix}")
+    if clf.model is None:
+        raise DuoclassError(f"{what}: needs the torch backend (the model's gradients and outputs); load with backend='torch'")
+
+
+def read_labelled_images(clf: Any, data: str | Path, split: str = "test", max_examples: int | None = None,
+                         path_column: str | None = None, label_column: str | None = None) -> LabelledImages:
+    """The images and labels of a split. With `max_examples`, N images spread evenly over the split in its
+    listed order (so a class-sorted folder keeps every class); unreadable ones are skipped and counted."""
+    from .data.sources import display, read_image_dataset
+    from .data.splits import label_ids
+    from .data.text_files import holds_text
+
+    check_positive(max_examples, "--max-examples", "200")
+    if holds_text(data, "text", path_column or "path"):
+        raise DuoclassError(f"{data}: holds text data, but this is an image model ({clf.config_['model']['name']}); "
+                            "pass an image dataset")
+    ds = read_image_dataset(data, path_column or "path", label_column or "label")
+    if split not in ds.splits:
+        raise DuoclassError(f"{data}: no '{split}' split (found: {', '.join(sorted(ds.splits))}); pass --split NAME")
+    items = ds.splits[split]
+    labels = label_ids([y for _, y in items], clf.classes_, f"{data} ({split} split)")
+    idx = range(len(items))
+    if max_examples and max_examples < len(items):
+        idx = np.unique(np.linspace(0, len(items) - 1, max_examples).round().astype(int)).tolist()
+    pixels, ys, names, skipped = [], [], [], 0
+    for i in idx:
+        ref = items[i][0]
+        try:
+            pixels.append(clf.preprocessor.load(ref))
+        except DuoclassError as e:
+            log.warning("skipped %s", e)
+            skipped += 1
+            continue
+        ys.append(labels[i])
+        names.append(display(ref))
+    if not pixels:
+        why = f"none of its {skipped} images could be read (see the warnings above)" if skipped else "it has no examples"
+        raise DuoclassError(f"{data} ('{split}' split): nothing to evaluate: {why}; fix the files or pass another --split")
+    return LabelledImages(np.stack(pixels), np.asarray(ys, dtype=np.int64), names, skipped)
+
+
+# --- attacking ----------------------------------------------------------------------------------
+def _pixel_model(model: Any) -> Any:
+    """The model as a function of the pixel tensor alone, which is what torchattacks calls."""
+    from torch import nn
+
+    class PixelModel(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):  # noqa: ANN001, ANN202  (B, 3, H, W) in [0, 1] -> logits (B, C)
+            return self.inner({"pixel_values": x})
+
+    return PixelModel(model)
+
+
+def pgd_step_size(eps: float, steps: int) -> float:
+    """2.5 * eps / steps (Madry et al. 2018): enough to cross the eps-ball and come back within `steps` steps."""
+    return 2.5 * eps / steps
+
+
+def attack_batch(name: str, model: Any, x: Any, y: Any, eps: float, steps: int, n_classes: int, seed: int) -> Any:
+    """Adversarial examples (B, 3, H, W) in [0, 1] for one batch; `model` takes {"pixel_values": x}."""
+    from .attacks import fgsm, pgd
+
+    if name == "fgsm":
+        return fgsm(model, x, y, eps)
+    if name == "pgd":
+        return pgd(model, x, y, eps, steps=steps, alpha=pgd_step_size(eps, steps), norm="linf", random_start=True)
+    try:
+        import torchattacks
+    except ImportError:
+        raise DuoclassError("--attack autoattack: needs torchattacks; install it with `pip install torchattacks`") from None
+    if eps == 0:  # nothing to search; torchattacks' step sizes divide by eps
+        return x
+    aa = torchattacks.AutoAttack(_pixel_model(model), norm="Linf", eps=eps, version="standard", n_classes=n_classes,
+                                 seed=seed)
+    return aa(x, y)
+
+
+def attack_settings(name: str, steps: int | None) -> dict[str, Any]:
+    """What the result of one attack records beside its figures."""
+    if name == "fgsm":
+        return {"attack": "fgsm", "norm": "linf", "steps": 1, "step_size": "eps", "random_start": False}
+    if name == "pgd":
+        return {"attack": "pgd", "norm": "linf", "steps": steps, "step_size": "2.5 * eps / steps", "random_start": True}
+    return {"attack": "autoattack", "norm": "linf", "version": "standard", "steps": None, "step_size": None,
+            "random_start": True, "components": ["apgd-ce", "apgd-t", "fab-t", "square"]}
+
+
+def robust_accuracy(model: Any, images: LabelledImages, attack: str, budgets: Sequence[tuple[float, str]],
+                    steps: int | None = None, batch_size: int = 64, seed: int = 0,
+                    n_classes: int | None = None) -> dict[str, Any]:
+    """Clean and robust accuracy of a torch module (taking {"pixel_values": x}) under one attack, per eps."""
+    import torch
+
+    settings = attack_settings(attack, steps)
+    steps = settings["steps"] or 0
+    dev = next(model.parameters()).device
+    model.eval()
+    n = len(images.labels)
+    clean_ok = 0
+    robust_ok = [0] * len(budgets)
+    start = time.perf_counter()
+    # random starts (PGD) and AutoAttack draw from a seeded generator that leaves the caller's untouched
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for j in range(0, n, batch_size):
+            x = torch.from_numpy(images.pixels[j : j + batch_size]).to(dev).float().div_(255.0)
+            y = torch.from_numpy(images.labels[j : j + batch_size]).to(dev)
+            with torch.no_grad():
+                logits = model({"pixel_values": x})
+                ok = logits.argmax(1) == y
+            c = n_classes or logits.shape[1]
+            clean_ok += int(ok.sum())
+            for k, (eps, _) in enumerate(budgets):
+                x_adv = attack_batch(attack, model, x, y, eps, steps, c, seed)
+                with torch.no_grad():
+                    still = model({"pixel_values": x_adv.detach()}).argmax(1) == y
+                robust_ok[k] += int((ok & still).sum())  # misclassified clean counts as wrong
+    model.zero_grad(set_to_none=True)  # attacks may have left gradients on the weights
+    results = []
+    for (eps, text), r in zip(budgets, robust_ok):
+        row = {"eps": eps, "eps_text": text, "accuracy": r / n}
+        if attack != "autoattack":
+            row["step_size"] = eps if attack == "fgsm" else pgd_step_size(eps, steps)
+        results.append(row)
+    return {**settings, "seed": seed, "examples": n, "skipped_files": images.skipped, "clean_accuracy": clean_ok / n,
+            "results": results, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def evaluate_attacks(clf: Any, data: str | Path, attack: str | Sequence[str] = "pgd",
+                     eps: str | float | Sequence[str | float] = "8/255", split: str = "test", steps: int | None = None,
+                     max_examples: int | None = None, batch_size: int = 64, seed: int = 0,
+                     path_column: str | None = None, label_column: str | None = None) -> dict[str, dict[str, Any]]:
+    """Robust accuracy of `clf` under each attack named (one result dict per attack, keyed by its name), all on
+    the same examples. `steps` is PGD's number of iterations (default 10)."""
+    names = parse_attacks(attack)
+    require_image_model(clf, f"--attack {','.join(names)}", "evaluate a text model without --attack")
+    budgets = parse_eps_list(eps)
+    check_positive(steps, "--steps", str(DEFAULT_STEPS))
+    check_positive(batch_size, "--batch-size", "64")
+    if steps is not None and "pgd" not in names:
+        raise DuoclassError(f"--steps {steps}: only PGD takes a number of steps, and --attack is {','.join(names)}; "
+                            "add pgd to --attack or drop --steps")
+    images = read_labelled_images(clf, data, split, max_examples, path_column, label_column)
+    out = {}
+    for name in names:
+        log.info("attacking %d examples with %s at eps %s", len(images.labels), name, ", ".join(t for _, t in budgets))
+        r = robust_accuracy(clf.model, images, name, budgets, steps or DEFAULT_STEPS, batch_size, seed, len(clf.classes_))
+        out[name] = {**r, "split": split}
+    return out
+
+
+def evaluate_robust(clf: Any, data: str | Path, split: str = "test", attack: str = "pgd",
+                    eps: str | float | Sequence[str | float] = "8/255", steps: int | None = None,
+                    max_examples: int | None = None, batch_size: int = 64, seed: int = 0,
+                    path_column: str | None = None, label_column: str | None = None) -> dict[str, Any]:
+    """Robust accuracy of `clf` under one attack (see evaluate_attacks)."""
+    name = parse_attacks(attack)
+    if len(name) != 1:
+        raise DuoclassError(f"attack={attack!r}: evaluate_robust takes one attack; use evaluate_attacks for several")
+    return evaluate_attacks(clf, data, name, eps, split, steps, max_examples, batch_size, seed, path_column,
+                            label_column)[name[0]]
+
+
+# --- reporting ----------------------------------------------------------------------------------
+def summary_lines(robust: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Human-readable lines for the result of evaluate_attacks."""
+    lines = []
+    for r in robust.values():
+        how = {"fgsm": "one step", "pgd": f"{r['steps']} steps of 2.5*eps/steps, random start",
+               "autoattack": "standard: apgd-ce, apgd-t, fab-t, square"}[r["attack"]]
+        lines.append(f"{r['attack']} (L-inf, {how}) on {r['examples']} examples: clean accuracy {r['clean_accuracy']:.4f}"
+                     f"  ({r['seconds']:.1f}s)")
+        lines += [f"  eps {row['eps_text']:>8} = {row['eps']:.5f}  robust accuracy {row['accuracy']:.4f}" for row in r["results"]]
+    return lines
+
+
+def plot_robustness(robust: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "robust accuracy") -> None:
+    """PNG of accuracy against eps, one line per attack, each starting at its clean accuracy (eps 0)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in robust.items():
+        rows = sorted(r["results"], key=lambda row: row["eps"])
+        eps = [row["eps"] for row in rows]
+        acc = [row["accuracy"] for row in rows]
+        if not eps or eps[0] > 0:
+            eps, acc = [0.0] + eps, [r["clean_accuracy"]] + acc
+        ax.plot([e * 255 for e in eps], acc, marker="o", label=f"{name} ({r['examples']} examples)")
+    ax.set_xlabel("eps (L-inf, in 1/255 of the pixel range)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
