@@ -192,3 +192,76 @@ def test_preprocessing_makes_numpy_arrays(digits: Path) -> None:
     batch = pre.collate([x, x])
     assert batch["pixel_values"].dtype == np.float32 and batch["pixel_values"].shape == (2, 3, 16, 16)
     assert 0.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0
+
+
+def test_no_host_device_sync_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_one_epoch reads the loss back once per epoch, not once per step (.item() forces a sync on a GPU)."""
+    from torch import nn
+
+    from duoclass.engine import StepContext, train_one_epoch
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    wrapped = type("M", (nn.Module,), {"forward": lambda self, b: model(b["pixel_values"])})()
+    wrapped.add_module("net", model)
+    batches = [({"pixel_values": torch.randn(8, 3, 2, 2)}, torch.randint(0, 3, (8,))) for _ in range(30)]
+    calls = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or real_item(self))
+    ctx = StepContext(wrapped, nn.CrossEntropyLoss(), torch.device("cpu"))
+    loss = train_one_epoch(ctx, batches, torch.optim.SGD(wrapped.parameters(), lr=0.1))
+    assert ctx.step == 30 and loss > 0
+    assert len(calls) == 1  # the epoch's mean, at the end
+
+
+def test_text_folder_with_validation_csv_and_renamed_columns(tmp_path: Path) -> None:
+    """A text folder may name its valid file validation.csv (as image folders may name theirs validation/),
+    and `evaluate` takes the column names when they differ from the training data's."""
+    import csv as csv_
+
+    from .test_text import toy_rows
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for split, n in (("train", 60), ("validation", 20), ("test", 20)):
+        with (root / f"{split}.csv").open("w", newline="", encoding="utf-8") as f:
+            w = csv_.writer(f)
+            w.writerow(["id", "text", "label"])
+            w.writerows(toy_rows(n, split[0], 7))
+    cfg = resolve_settings(TrainConfig(data=str(root), model="tfidf-mlp"))
+    data = prepare(cfg)
+    assert len(data.valid) == 20 and not any("no valid split" in n for n in data.notes)
+    clf = duoclass.train(root, model="tfidf-mlp", epochs=3, progress=False, tensorboard=False, workers=0,
+                         output=str(tmp_path / "run"))
+    other = tmp_path / "other"
+    other.mkdir()
+    with (other / "test.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv_.writer(f)
+        w.writerow(["review", "sentiment"])
+        w.writerows((t, y) for _, t, y in toy_rows(20, "t", 7))
+    r = run_cli("evaluate", str(tmp_path / "run" / "model"), str(other), "--text-column", "review",
+                "--label-column", "sentiment", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 20
+    assert clf.evaluate(other, text_column="review", label_column="sentiment")["n"] == 20
+
+
+def test_character_noise_evaluation(tmp_path: Path) -> None:
+    import random
+
+    from duoclass.text_augment import perturb_chars
+
+    rng = random.Random(0)
+    assert perturb_chars("这家酒店很好 great hotel", 0.0, rng) == "这家酒店很好 great hotel"
+    noisy = [perturb_chars("这家酒店的服务很好，房间也干净", 0.3, random.Random(s)) for s in range(20)]
+    assert sum(n != "这家酒店的服务很好，房间也干净" for n in noisy) >= 18  # 30% per character changes almost every text
+    assert all(set(n) <= set("这家酒店的服务很好，房间也干净") for n in noisy)  # Chinese noise stays Chinese
+    from .test_text import make_toy
+
+    data = make_toy(tmp_path / "toy", 200, 40)
+    clf = duoclass.train(data, model="tfidf-mlp", epochs=3, progress=False, tensorboard=False, workers=0,
+                         output=str(tmp_path / "run"))
+    m = clf.evaluate(data, char_noise=[0.0, 0.5])
+    clean, zero, heavy = m["accuracy"], m["char_noise"][0]["accuracy"], m["char_noise"][1]["accuracy"]
+    assert zero == clean and heavy < clean  # rate 0 is the clean text; half the characters changed costs accuracy
+    r = run_cli("evaluate", str(tmp_path / "run" / "model"), str(data), "--char-noise", "0.05,2")
+    assert r.returncode == 2 and "--char-noise" in r.stderr

@@ -105,7 +105,10 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, **s
     _log_to_stderr()
     config = resolve_settings(config)
     _check_early(config)
-    result = fit(config, prepare_once(config, prepare))  # under torchrun: rank 0's vocabulary and classes everywhere
+    from .attacks import make_step
+
+    task_data = prepare_once(config, prepare)  # under torchrun: rank 0's vocabulary and classes everywhere
+    result = fit(config, task_data, step=make_step(config, task_data))  # --adversarial: an AdversarialStep, else the standard step
     if result is None:  # a non-zero rank under torchrun
         return None  # type: ignore[return-value]
     clf = load(result.model_dir)
@@ -115,17 +118,27 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, **s
 
 def _check_early(cfg: TrainConfig) -> None:
     """Fail on a wrong image-model name, resume folder or head before any data is read or file written."""
-    from .models import input_kind
+    from .models import check_args, get_spec, input_kind
 
     if cfg.resume and not (Path(cfg.resume) / "state.pt").is_file():
         raise DuoclassError(
             f"{Path(cfg.resume) / 'state.pt'}: no training state to resume from; pass the --output folder of an earlier run"
         )
     input_kind(cfg.model)  # an unknown model name fails here, before any data is read
+    spec = get_spec(cfg.model)
+    if cfg.pretrained and spec is not None:
+        check_args(spec.name, spec.builder, {"pretrained": cfg.pretrained})  # a model without pretrained weights
+    if cfg.model.startswith("timm:") and cfg.pretrained == "hub":
+        from .models.timm_adapter import check_hub_weights
+
+        check_hub_weights(cfg.model[len("timm:"):])  # offline without cached weights: fail now, not after retries
     if cfg.task == "text":
         from .models.text_models import check_head
 
         check_head(cfg.model, cfg.pooling)
+    from .attacks import check_adversarial
+
+    check_adversarial(cfg)  # --adversarial against the task (fgsm: images, fgm: text) and --eps <= 1 for images
 
 
 def load(path: str | Path, device: str = "auto", backend: str = "torch") -> Classifier:

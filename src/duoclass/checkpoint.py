@@ -631,4 +631,4 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DuoclassError(f"{path}: training state is unreadable ({e}); start a new run without --resume") from None
+        raise DuoclassError(f"{path}: training state is unreadable ({str(e).splitlines()[0]}); start a new run without --resume") from None

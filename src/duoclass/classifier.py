@@ -134,9 +134,13 @@ class Classifier:
     # --- evaluation -----------------------------------------------------------------------
     def evaluate(self, data: str | Path, split: str = "test", batch_size: int = 64, top_k: int | None = None,
                  text_column: str | None = None, label_column: str | None = None,
-                 path_column: str | None = None) -> dict[str, Any]:
+                 path_column: str | None = None, char_noise: Sequence[float] = (), seed: int = 0) -> dict[str, Any]:
         """Metrics on a labelled split of a dataset (the layouts `train` reads), evaluated as in training
-        (the folder's evaluation settings, e.g. test-time augmentation). Unreadable inputs are skipped and counted."""
+        (the folder's evaluation settings, e.g. test-time augmentation). Unreadable inputs are skipped and counted.
+
+        char_noise (text models): also accuracy and macro F1 with each test text perturbed at these character
+        rates (random deletions, swaps and insertions; text_augment.perturb_chars, seeded by `seed`),
+        in m["char_noise"]."""
         from .data.splits import label_ids
         from .data.text_files import holds_text
 
@@ -167,6 +171,22 @@ class Classifier:
         m = evaluate_results(results, labels, self.classes_, top_k, f"{data} ('{split}' split)")
         m["skipped_files"] += empty  # text rows with empty text are skipped when reading, as in training
         m["tta"] = self.tta
+        if char_noise:
+            if self.task != "text":
+                raise DuoclassError("--char-noise: character perturbation is for text models; this is an image model "
+                                    "(measure images with --attack)")
+            import random
+
+            from .text_augment import perturb_chars
+
+            m["char_noise"] = []
+            for rate in char_noise:
+                rng = random.Random(seed)
+                noisy = [perturb_chars(t, rate, rng) for t in inputs]
+                r = evaluate_results(predict_items(pre, self.backend, self.classes_, noisy, batch_size, 1, False, names),
+                                     labels, self.classes_, top_k, f"{data} ('{split}' split, --char-noise {rate})")
+                m["char_noise"].append({"rate": rate, "seed": seed, "accuracy": r["accuracy"], "f1_macro": r["f1_macro"],
+                                        "balanced_accuracy": r["balanced_accuracy"]})
         return m
 
     # --- robustness (image models) ------------------------------------------------------------

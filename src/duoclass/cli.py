@@ -148,12 +148,15 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         robust = evaluate_attacks(clf, ns.data, ns.attack, ns.eps, ns.split, ns.steps, ns.max_examples, ns.batch_size,
                                   ns.seed or 0, ns.path_column, ns.label_column)
         if ns.plot:
-            plot_robustness(robust, ns.plot, title=f"robust accuracy, {Path(ns.model_dir).name} on {ns.split}")
+            plot_robustness(robust, ns.plot, title=f"robust accuracy ({ns.split} split)")
     elif given := [f for f, v in attack_only.items() if v is not None]:
         raise DuoclassError(f"{given[0]}: only used with --attack; add e.g. --attack pgd, or drop {given[0]}")
+    from .text_augment import parse_rates
+
     m = clf.evaluate(
         ns.data, split=ns.split, batch_size=ns.batch_size, top_k=ns.top_k,
         text_column=ns.text_column, label_column=ns.label_column, path_column=ns.path_column,
+        char_noise=parse_rates(ns.char_noise) if ns.char_noise else (),
     )
     if robust is not None:
         m["robust"] = robust
@@ -164,6 +167,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
               f"recall_macro {m['recall_macro']:.4f}  f1_macro {m['f1_macro']:.4f}  f1_weighted {m['f1_weighted']:.4f}")
         for c, s in m["per_class"].items():
             print(f"  {c:>20}  precision {s['precision']:.4f}  recall {s['recall']:.4f}  f1 {s['f1']:.4f}  n={s['support']}")
+        for row in m.get("char_noise", []):
+            print(f"  char noise {row['rate']:g}: accuracy {row['accuracy']:.4f}  f1_macro {row['f1_macro']:.4f}")
         if m.get("skipped_files"):
             print(f"skipped {m['skipped_files']} unreadable files")
         if robust is not None:
@@ -324,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --attack: attack N examples spread over the split (AutoAttack is slow on CPUs)")
     e.add_argument("--seed", type=int, default=None, help="with --attack: seed of the random starts (default: 0)")
     e.add_argument("--plot", default=None, metavar="FILE.png", help="with --attack: write accuracy against eps as a PNG")
+    e.add_argument("--char-noise", default=None, metavar="RATE[,RATE]",
+                   help="text models: also accuracy with every test text perturbed at these character rates "
+                        "(random deletions, swaps and insertions), e.g. 0.05,0.1")
     e.set_defaults(func=cmd_evaluate)
 
     ce = sub.add_parser("certify", help="image models: certified L2 robustness by randomized smoothing (Cohen et al. 2019)",

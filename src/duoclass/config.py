@@ -39,6 +39,7 @@ GROUPS: dict[str, str] = {
     "model": "architecture, weights and classifier head",
     "optimisation": "loss, optimizer and learning-rate schedule",
     "evaluation": "checkpoint selection and evaluation",
+    "robustness": "adversarial training: perturbed pixels for images, perturbed input embeddings for text",
     "run": "output folder, resuming, device and logging",
 }
 
@@ -213,6 +214,27 @@ class TrainConfig:
     tta: bool = _f(False, "test-time augmentation (average with the horizontally flipped input) at evaluation",
                    group="evaluation")
 
+    # --- robustness (attacks.py) ---------------------------------------------------------
+    adversarial: Literal["none", "fgsm", "pgd", "trades", "fgm"] = _f(
+        "none", "adversarial training: fgsm (images: FGSM from a random start, step 1.25 eps; Wong et al. 2020), "
+        "pgd (images: PGD-k, Madry et al. 2018; text: k steps on the input embeddings), trades (images: "
+        "Zhang et al. 2019), fgm (text: one step on the input embeddings, Miyato et al. 2017), none = off",
+        group="robustness",
+    )
+    eps: str = _f(
+        "8/255", "attack budget: images: L-inf radius in [0, 1] pixel space, a number or a fraction (8/255, 0.03); "
+        "text: L2 norm of the perturbation of the embedding table, and left at 8/255 it means 1.0",
+        group="robustness",
+    )
+    adv_steps: int = _f(7, "attack steps of --adversarial pgd and trades (>= 1; fgsm and fgm take one)",
+                        group="robustness")
+    adv_ratio: float = _f(1.0, "share of each batch trained on adversarial examples, the rest clean; in (0, 1]",
+                          group="robustness")
+    eps_warmup: float = _f(0.0, "epochs over which eps ramps up linearly from 0; 0 = the full eps from the first step",
+                           group="robustness")
+    trades_beta: float = _f(6.0, "--adversarial trades: weight of the KL term (higher: more robust, less accurate)",
+                            group="robustness")
+
     # --- run ----------------------------------------------------------------------------
     output: str = _f("runs/train", "run folder; the best model lands in OUTPUT/model/", group="run")
     resume: Optional[str] = _f(None, "continue an interrupted run from its folder", group="run", example="runs/train")
@@ -294,6 +316,37 @@ class TrainConfig:
             bad("text_back_translate", "needs the translation models: add --back-translate FORWARD_DIR,BACK_DIR")
         if self.augment not in PRESETS:
             bad("augment", f"unknown preset {self.augment!r}; choose one of: {', '.join(PRESETS)}")
+        self._check_robustness()
+
+    def _check_robustness(self) -> None:
+        """The adversarial-training settings. What needs the task (fgsm is for images, fgm for text; eps <= 1 for
+        images) is checked by attacks.check_adversarial once the task is known, before any data is read."""
+        def bad(name: str, msg: str) -> None:
+            raise DuoclassError(f"--{name.replace('_', '-')}: {msg}")
+
+        if self.adv_steps < 1:
+            bad("adv_steps", f"got {self.adv_steps}; an attack needs at least one step, e.g. --adv-steps 7")
+        if not 0 < self.adv_ratio <= 1:
+            bad("adv_ratio", f"got {self.adv_ratio}; a share in (0, 1], e.g. 0.5 for half of each batch adversarial")
+        if self.eps_warmup < 0:
+            bad("eps_warmup", f"got {self.eps_warmup}; epochs must be >= 0 (0 = no ramp)")
+        if self.trades_beta < 0:
+            bad("trades_beta", f"got {self.trades_beta}; must be >= 0, e.g. --trades-beta 6")
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.metadata.get("group") == "robustness"}
+        changed = [n for n in defaults if n != "adversarial" and getattr(self, n) != defaults[n]]
+        if self.adversarial == "none":
+            if changed:
+                bad(changed[0], "applies only to adversarial training; add --adversarial fgsm, pgd, trades or fgm, "
+                    f"or drop --{changed[0].replace('_', '-')}")
+            return
+        if "trades_beta" in changed and self.adversarial != "trades":
+            bad("trades_beta", f"applies only to --adversarial trades, not {self.adversarial}; drop --trades-beta")
+        if "adv_steps" in changed and self.adversarial in ("fgsm", "fgm"):
+            bad("adv_steps", f"--adversarial {self.adversarial} takes a single step; use --adversarial pgd for "
+                "a multi-step attack, or drop --adv-steps")
+        from .attacks import eps_value  # imports torch: only when adversarial training is on
+
+        eps_value(self.eps, self.task)
 
     # --- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -529,6 +529,9 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
         stop = False
         if d.main:
             vm.update(report.get("metrics", {}))
+            if cfg.select_metric not in vm:  # e.g. top5_accuracy with 3 classes (it is top3_accuracy there)
+                raise DuoclassError(f"--select-metric {cfg.select_metric}: this run has no such metric (it has: "
+                                    f"{', '.join(k for k, v in vm.items() if isinstance(v, float))})")
             score = vm[cfg.select_metric]
             if report.get("stop"):
                 improved, stop = False, True

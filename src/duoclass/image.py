@@ -42,7 +42,9 @@ class BatchAugment:
     Rotation, translation, scaling, flips and random-resized-crop are folded into one
     affine matrix per image and applied with a single `grid_sample`; colour jitter is a
     few tensor ops. Much faster than per-image transforms, and it runs on the GPU.
-    Input and output: float (B, 3, H, W) in [0, 1].
+    Gaussian noise N(0, noise^2), last, is what randomized smoothing (certify.py) needs the
+    model trained with. Input: float (B, 3, H, W) in [0, 1]; output too, except that the
+    noise is not clamped (as in Cohen et al. 2019, so training sees the certified noise).
     """
 
     def __init__(self, aug: Augment):
@@ -102,6 +104,9 @@ class BatchAugment:
             gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
             x = (x - gray) * uniform(1 - c, 1 + c).view(b, 1, 1, 1) + gray  # saturation
             x = x.clamp(0, 1)
+        noise = getattr(a, "noise", 0.0)
+        if noise:
+            x = x + torch.randn_like(x) * noise
         return {**batch, "pixel_values": x}
 
 

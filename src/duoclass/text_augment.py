@@ -373,3 +373,41 @@ class AugmentedTextDataset:
     def __getitem__(self, i: int) -> tuple[list[int], int]:
         text = self.augmented(i)
         return (self.cache[i] if text == self.texts[i] else self.encode(text)), self.labels[i]
+
+
+# --- character-level perturbation, for measuring robustness ------------------------------------------
+def perturb_chars(text: str, rate: float, rng: random.Random) -> str:
+    """Each non-space character is, with probability `rate`, deleted, swapped with the next one, or followed by
+    an inserted character (one of the three at random; insertions draw from the text's own characters, so
+    Chinese text gets Chinese characters). Used to measure accuracy on typo-like noise, never in training."""
+    chars = list(text)
+    alphabet = [c for c in chars if not c.isspace()] or ["x"]
+    out: list[str] = []
+    i = 0
+    while i < len(chars):
+        c = chars[i]
+        if c.isspace() or rng.random() >= rate:
+            out.append(c)
+            i += 1
+            continue
+        op = rng.randrange(3)
+        if op == 0:  # delete
+            i += 1
+        elif op == 1 and i + 1 < len(chars):  # swap with the next character
+            out += [chars[i + 1], c]
+            i += 2
+        else:  # insert after (a swap at the end becomes an insertion)
+            out += [c, rng.choice(alphabet)]
+            i += 1
+    return "".join(out)
+
+
+def parse_rates(text: str, flag: str = "--char-noise") -> list[float]:
+    """'0.05,0.1' -> [0.05, 0.1]; each a rate in [0, 1]."""
+    try:
+        rates = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise DuoclassError(f"{flag}: got {text!r}; give rates in [0, 1], comma-separated, e.g. {flag} 0.05,0.1") from None
+    if not rates or any(not 0 <= r <= 1 for r in rates):
+        raise DuoclassError(f"{flag}: got {text!r}; give rates in [0, 1], comma-separated, e.g. {flag} 0.05,0.1")
+    return rates

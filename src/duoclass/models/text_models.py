@@ -93,6 +93,10 @@ class HFTextModel(nn.Module):
             for k in [k for k in state_dict if k.startswith(prefix + "net.pooler.")]:
                 del state_dict[k]
 
+    def input_embeddings(self) -> nn.Module:
+        """The token embedding table (adversarial training of text perturbs its weights)."""
+        return self.net.get_input_embeddings()
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.pooling == "cls":
@@ -184,6 +188,10 @@ class FastText(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(dim, num_classes)
 
+    def input_embeddings(self) -> nn.Module:
+        """The n-gram embedding table (adversarial training of text perturbs its weights)."""
+        return self.embed
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         e = self.embed(ids)  # (B, L, D)
@@ -220,6 +228,10 @@ class TfidfMLP(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden, num_classes)
+
+    def input_embeddings(self) -> nn.Module:
+        """The n-gram vectors, an EmbeddingBag (adversarial training of text perturbs its weights)."""
+        return self.embed
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.embed(batch["input_ids"], per_sample_weights=batch["weights"].to(self.embed.weight.dtype))
