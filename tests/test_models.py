@@ -134,15 +134,12 @@ def test_every_model_says_its_input_and_heads(name: str) -> None:
 
 
 def test_input_kind_of_any_name() -> None:
-    from duoclass.models.text_models import text_input_kind
-
     assert input_kind("timm:resnet18") == "image" and input_kind("msresnet") == "image"
     assert input_kind("hf:bert-base-uncased") == "hf-tokenizer"
     with pytest.raises(DuoclassError, match="unknown model 'fastext'.*did you mean fasttext"):
         input_kind("fastext")
-    # the older names, for the code that still asks text_input_kind
-    assert [text_input_kind(n) for n in ("fasttext", "tfidf-mlp", "albert-scratch-tiny", "hf:x")] == [
-        "ngram-hash", "ngram-vocab", "trained", "hf"]
+    assert [input_kind(n) for n in ("fasttext", "tfidf-mlp", "albert-scratch-tiny")] == [
+        "ngram-hash", "ngram-vocab", "trained-tokenizer"]
     assert model_heads("hf:x") == ("cls", "attention") and model_heads("timm:resnet18") == ()
 
 

@@ -9,7 +9,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from torch import nn
 
 import duoclass
 from duoclass import cli
@@ -92,6 +95,28 @@ def test_robust_not_above_clean_and_pgd_not_above_fgsm(digits_model: duoclass.Cl
     assert accs[-1] < p["clean_accuracy"]  # the attack really changes predictions
 
 
+class Bowl(nn.Module):
+    """Class 0's logit is 1000 (x0 - 0.5)^2, class 1's is 2: at x0 = 0.52 the model says 1, and FGSM, stepping
+    x0 down by 0.1 to lower class 0's logit, overshoots to 0.42, where it says 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))  # where the device is read from
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x0 = batch["pixel_values"][:, 0, 0, 0]
+        return torch.stack([1000 * (x0 - 0.5) ** 2, torch.full_like(x0, 2.0)], dim=1)
+
+
+def test_misclassified_clean_counts_as_wrong() -> None:
+    from duoclass.robust_eval import LabelledImages, robust_accuracy
+
+    pixels = np.full((1, 3, 4, 4), 133, dtype=np.uint8)  # x0 = 0.52
+    r = robust_accuracy(Bowl(), LabelledImages(pixels, np.array([0]), ["x"], 0), "fgsm", [(0.1, "0.1")])
+    assert Bowl()({"pixel_values": torch.full((1, 3, 4, 4), 0.42)}).argmax(1).item() == 0  # the attack "helps"
+    assert r["clean_accuracy"] == 0 and r["results"][0]["accuracy"] == 0
+
+
 def test_result_shape(digits_model: duoclass.Classifier, small: Path) -> None:
     r = digits_model.evaluate_robust(small, attack="pgd", eps="2/255,8/255", steps=4, max_examples=10)
     assert {k: r[k] for k in ("attack", "norm", "steps", "random_start", "examples", "split")} == {
@@ -131,6 +156,17 @@ def test_autoattack_on_a_handful(digits_model: duoclass.Classifier, small: Path)
     assert aa["version"] == "standard" and aa["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert aa["examples"] + aa["skipped_files"] == 6 and aa["clean_accuracy"] == pgd["clean_accuracy"] > 0
     assert aa["results"][0]["accuracy"] <= pgd["results"][0]["accuracy"] <= aa["clean_accuracy"]
+    assert not digits_model.model.training  # the model is left in the mode it was found in
+
+
+def test_model_mode_is_restored(digits_model: duoclass.Classifier, small: Path) -> None:
+    model = digits_model.model
+    model.train()
+    try:
+        digits_model.evaluate_robust(small, attack="fgsm", eps="2/255", max_examples=4)
+        assert model.training
+    finally:
+        model.eval()
 
 
 # --- the CLI --------------------------------------------------------------------------------------
@@ -141,10 +177,21 @@ def test_cli_attacks_json_and_plot(digits_model: duoclass.Classifier, small: Pat
     out = capsys.readouterr().out
     assert rc == 0
     m = json.loads(out)
-    assert list(m["robust"]) == ["fgsm", "pgd"] and m["robust"]["pgd"]["steps"] == 3 and m["robust"]["fgsm"]["steps"] == 1
-    for r in m["robust"].values():
+    fgsm, pgd = m["robust"]  # several attacks: a list, in the order given
+    assert fgsm["attack"] == "fgsm" and fgsm["steps"] == 1 and pgd["attack"] == "pgd" and pgd["steps"] == 3
+    for r in m["robust"]:
         assert r["results"][0]["accuracy"] == r["clean_accuracy"] == pytest.approx(m["accuracy"])  # eps 0 = clean
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_one_attack_json(digits_model: duoclass.Classifier, small: Path, capsys) -> None:
+    """One attack: m["robust"] is its result dict, settings beside the figures."""
+    rc = cli.main(["-q", "evaluate", model_dir(digits_model), str(small), "--attack", "pgd", "--eps", "2/255,8/255",
+                   "--max-examples", "8", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)["robust"]
+    assert r["attack"] == "pgd" and r["steps"] == 10 and r["examples"] + r["skipped_files"] == 8
+    assert [row["eps_text"] for row in r["results"]] == ["2/255", "8/255"]
 
 
 def test_cli_text_summary(digits_model: duoclass.Classifier, small: Path, capsys) -> None:
@@ -190,11 +237,12 @@ def test_plot_draws_every_attack(tmp_path: Path) -> None:
     from duoclass.robust_eval import plot_robustness, robustness_figure
 
     row = lambda e, a: {"eps": e, "eps_text": str(e), "accuracy": a}  # noqa: E731
-    robust = {"pgd": {"clean_accuracy": 0.9, "examples": 5, "results": [row(4 / 255, 0.5), row(8 / 255, 0.1)]},
-              "fgsm": {"clean_accuracy": 0.9, "examples": 5, "results": [row(4 / 255, 0.6), row(8 / 255, 0.3)]}}
+    robust = [{"attack": "pgd", "clean_accuracy": 0.9, "examples": 5, "results": [row(4 / 255, 0.5), row(8 / 255, 0.1)]},
+              {"attack": "fgsm", "clean_accuracy": 0.9, "examples": 5, "results": [row(4 / 255, 0.6), row(8 / 255, 0.3)]}]
     fig = robustness_figure(robust)
     lines = fig.axes[0].get_lines()
     assert [ln.get_label() for ln in lines] == ["pgd (5 examples)", "fgsm (5 examples)"]
     assert lines[0].get_xdata().tolist() == pytest.approx([0, 4, 8]) and lines[0].get_ydata().tolist() == [0.9, 0.5, 0.1]
+    assert len(robustness_figure(robust[0]).axes[0].get_lines()) == 1  # one result alone
     plot_robustness(robust, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -158,8 +158,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         text_column=ns.text_column, label_column=ns.label_column, path_column=ns.path_column,
         char_noise=parse_rates(ns.char_noise) if ns.char_noise else (),
     )
-    if robust is not None:
-        m["robust"] = robust
+    if robust is not None:  # one attack: its result; several: the list of them
+        m["robust"] = robust[0] if len(robust) == 1 else robust
     if ns.json:
         print(json.dumps(m))
     else:

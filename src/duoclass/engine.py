@@ -597,19 +597,19 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
 def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model_dir: Path, device: torch.device,
                           best_epoch: int, history: list[dict], start: float, d: Dist) -> RunResult | None:
     """Evaluate the saved best model folder (the artifact users get) on valid and test; write reports (rank 0)."""
-    from .checkpoint import update_model_folder_metrics
-    from .classifier import Classifier
+    from .backends import torch_backend_from_folder
+    from .checkpoint import read_model_folder, update_model_folder_metrics
+    from .report import plot_confusion, plot_curves
 
     if not d.main:
         return None
-    from .report import plot_confusion, plot_curves
-
-    clf = Classifier.from_folder(model_dir, device=str(device))
-    tta = clf.tta
-    valid = evaluate_dataset(clf.model, data.valid, data.collate, cfg, device, data.classes, tta=tta)
+    folder_cfg, state = read_model_folder(model_dir)  # the folder as a user loads it: hashes checked
+    saved = torch_backend_from_folder(folder_cfg, state, model_dir, str(device)).model
+    tta = bool(folder_cfg.get("evaluation", {}).get("tta", False))
+    valid = evaluate_dataset(saved, data.valid, data.collate, cfg, device, data.classes, tta=tta)
     test = None
     if data.test is not None:
-        test = evaluate_dataset(clf.model, data.test, data.collate, cfg, device, data.classes, tta=tta)
+        test = evaluate_dataset(saved, data.test, data.collate, cfg, device, data.classes, tta=tta)
     skipped = len([s for s in data.skipped if getattr(s, "status", "bad") == "bad"]) + getattr(data.collate, "dropped", 0)
     ignored = len([s for s in data.skipped if getattr(s, "status", "") == "ignored"])
     seconds = time.time() - start

@@ -4,7 +4,8 @@
     r = clf.evaluate_robust("data/", split="test", attack="pgd", eps=["2/255", "8/255"], steps=10)
     r["clean_accuracy"], r["results"]   # 0.95, [{"eps": 0.00784, "eps_text": "2/255", "accuracy": 0.81, ...}, ...]
 
-    duoclass evaluate runs/x/model data/ --attack fgsm,pgd,autoattack --eps 2/255,4/255,8/255 --plot robust.png
+    duoclass evaluate runs/x/model data/ --attack pgd --eps 2/255,4/255,8/255 --json       # m["robust"]: that dict
+    duoclass evaluate runs/x/model data/ --attack fgsm,pgd,autoattack --eps 8/255 --plot robust.png  # a list of them
 
 Attacks are L-inf and work in [0, 1] pixel space (normalisation is inside the model). Robust
 accuracy at eps is the share of examples still classified correctly after the attack; an example
@@ -140,7 +141,8 @@ def _pixel_model(model: Any) -> Any:
         def forward(self, x):  # noqa: ANN001, ANN202  (B, 3, H, W) in [0, 1] -> logits (B, C)
             return self.inner({"pixel_values": x})
 
-    return PixelModel(model)
+    # the wrapper takes the model's mode: torchattacks restores the mode it finds on the module it is given
+    return PixelModel(model).train(model.training)
 
 
 @contextlib.contextmanager
@@ -197,6 +199,7 @@ def robust_accuracy(model: Any, images: LabelledImages, attack: str, budgets: Se
     settings = attack_settings(attack, steps)
     steps = settings["steps"] or 0
     dev = next(model.parameters()).device
+    was_training = model.training
     model.eval()
     n = len(images.labels)
     clean_ok = 0
@@ -205,21 +208,24 @@ def robust_accuracy(model: Any, images: LabelledImages, attack: str, budgets: Se
     params = [p for p in model.parameters() if p.requires_grad]
     # random starts (PGD) and AutoAttack draw from a seeded generator that leaves the caller's untouched;
     # gradients reach only the inputs (faster, and none are left on the weights)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _no_weight_grads(params):
-        torch.manual_seed(seed)
-        for j in range(0, n, batch_size):
-            x = torch.from_numpy(images.pixels[j : j + batch_size]).to(dev).float().div_(255.0)
-            y = torch.from_numpy(images.labels[j : j + batch_size]).to(dev)
-            with torch.no_grad():
-                logits = model({"pixel_values": x})
-                ok = logits.argmax(1) == y
-            c = n_classes or logits.shape[1]
-            clean_ok += int(ok.sum())
-            for k, (eps, _) in enumerate(budgets):
-                x_adv = attack_batch(attack, model, x, y, eps, steps, c, seed)
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _no_weight_grads(params):
+            torch.manual_seed(seed)
+            for j in range(0, n, batch_size):
+                x = torch.from_numpy(images.pixels[j : j + batch_size]).to(dev).float().div_(255.0)
+                y = torch.from_numpy(images.labels[j : j + batch_size]).to(dev)
                 with torch.no_grad():
-                    still = model({"pixel_values": x_adv.detach()}).argmax(1) == y
-                robust_ok[k] += int((ok & still).sum())  # misclassified clean counts as wrong
+                    logits = model({"pixel_values": x})
+                    ok = logits.argmax(1) == y
+                c = n_classes or logits.shape[1]
+                clean_ok += int(ok.sum())
+                for k, (eps, _) in enumerate(budgets):
+                    x_adv = attack_batch(attack, model, x, y, eps, steps, c, seed)
+                    with torch.no_grad():
+                        still = model({"pixel_values": x_adv.detach()}).argmax(1) == y
+                    robust_ok[k] += int((ok & still).sum())  # misclassified clean counts as wrong
+    finally:
+        model.train(was_training)
     results = []
     for (eps, text), r in zip(budgets, robust_ok):
         row = {"eps": eps, "eps_text": text, "accuracy": r / n}
@@ -233,9 +239,9 @@ def robust_accuracy(model: Any, images: LabelledImages, attack: str, budgets: Se
 def evaluate_attacks(clf: Any, data: str | Path, attack: str | Sequence[str] = "pgd",
                      eps: str | float | Sequence[str | float] = "8/255", split: str = "test", steps: int | None = None,
                      max_examples: int | None = None, batch_size: int = 64, seed: int = 0,
-                     path_column: str | None = None, label_column: str | None = None) -> dict[str, dict[str, Any]]:
-    """Robust accuracy of `clf` under each attack named (one result dict per attack, keyed by its name), all on
-    the same examples. `steps` is PGD's number of iterations (default 10)."""
+                     path_column: str | None = None, label_column: str | None = None) -> list[dict[str, Any]]:
+    """Robust accuracy of `clf` under each attack named, in that order (one result dict per attack), all on the
+    same examples. `steps` is PGD's number of iterations (default 10)."""
     names = parse_attacks(attack)
     require_image_model(clf, f"--attack {','.join(names)}", "evaluate a text model without --attack")
     budgets = parse_eps_list(eps)
@@ -245,11 +251,14 @@ def evaluate_attacks(clf: Any, data: str | Path, attack: str | Sequence[str] = "
         raise DuoclassError(f"--steps {steps}: only PGD takes a number of steps, and --attack is {','.join(names)}; "
                             "add pgd to --attack or drop --steps")
     images = read_labelled_images(clf, data, split, max_examples, path_column, label_column)
-    out = {}
+    out = []
+    if "autoattack" in names and clf.device is not None and clf.device.type == "cpu" and len(images.labels) > 100:
+        log.warning("--attack autoattack: %d examples on the CPU may take hours (its Square attack makes 5000 queries "
+                    "per example that survives); --max-examples 100 or a GPU is faster", len(images.labels))
     for name in names:
         log.info("attacking %d examples with %s at eps %s", len(images.labels), name, ", ".join(t for _, t in budgets))
         r = robust_accuracy(clf.model, images, name, budgets, steps or DEFAULT_STEPS, batch_size, seed, len(clf.classes_))
-        out[name] = {**r, "split": split}
+        out.append({**r, "split": split})
     return out
 
 
@@ -262,14 +271,19 @@ def evaluate_robust(clf: Any, data: str | Path, split: str = "test", attack: str
     if len(name) != 1:
         raise DuoclassError(f"attack={attack!r}: evaluate_robust takes one attack; use evaluate_attacks for several")
     return evaluate_attacks(clf, data, name, eps, split, steps, max_examples, batch_size, seed, path_column,
-                            label_column)[name[0]]
+                            label_column)[0]
 
 
 # --- reporting ----------------------------------------------------------------------------------
-def summary_lines(robust: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Human-readable lines for the result of evaluate_attacks."""
+def _runs(robust: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One attack's result, or several, as a list."""
+    return [robust] if isinstance(robust, Mapping) else list(robust)
+
+
+def summary_lines(robust: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[str]:
+    """Human-readable lines for one result of evaluate_robust, or the list evaluate_attacks returns."""
     lines = []
-    for r in robust.values():
+    for r in _runs(robust):
         how = {"fgsm": "one step", "pgd": f"{r['steps']} steps of 2.5*eps/steps, random start",
                "autoattack": "standard: apgd-ce, apgd-t, fab-t, square"}[r["attack"]]
         lines.append(f"{r['attack']} (L-inf, {how}) on {r['examples']} examples: clean accuracy {r['clean_accuracy']:.4f}"
@@ -278,7 +292,7 @@ def summary_lines(robust: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def robustness_figure(robust: Mapping[str, Mapping[str, Any]], title: str = "robust accuracy") -> Any:
+def robustness_figure(robust: Mapping[str, Any] | Sequence[Mapping[str, Any]], title: str = "robust accuracy") -> Any:
     """A matplotlib figure of accuracy against eps, one line per attack, each from its clean accuracy (eps 0)."""
     import matplotlib
 
@@ -286,13 +300,13 @@ def robustness_figure(robust: Mapping[str, Mapping[str, Any]], title: str = "rob
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in robust.items():
+    for r in _runs(robust):
         rows = sorted(r["results"], key=lambda row: row["eps"])
         eps = [row["eps"] for row in rows]
         acc = [row["accuracy"] for row in rows]
         if not eps or eps[0] > 0:
             eps, acc = [0.0] + eps, [r["clean_accuracy"]] + acc
-        ax.plot([e * 255 for e in eps], acc, marker="o", label=f"{name} ({r['examples']} examples)")
+        ax.plot([e * 255 for e in eps], acc, marker="o", label=f"{r['attack']} ({r['examples']} examples)")
     ax.set_xlabel("eps (L-inf, in 1/255 of the pixel range)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
@@ -302,7 +316,8 @@ def robustness_figure(robust: Mapping[str, Mapping[str, Any]], title: str = "rob
     return fig
 
 
-def plot_robustness(robust: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "robust accuracy") -> None:
+def plot_robustness(robust: Mapping[str, Any] | Sequence[Mapping[str, Any]], path: str | Path,
+                    title: str = "robust accuracy") -> None:
     """Write robustness_figure as a PNG."""
     import io
 

@@ -310,7 +310,7 @@ def back_translate(texts: Sequence[str], fwd_dir: str, back_dir: str, device: st
     file with an atomic write. Counts: {"cached": ..., "translated": ..., "empty": ...}.
     """
     from .checkpoint import atomic_write_json
-    from .engine import pick_device
+    from .backends import pick_device
 
     fwd, back = str(Path(fwd_dir).resolve()), str(Path(back_dir).resolve())
     path = cache_dir() / (hashlib.sha256(f"{fwd}\n{back}".encode()).hexdigest()[:16] + ".json")

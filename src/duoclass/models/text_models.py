@@ -250,15 +250,6 @@ def build_tfidf_mlp(num_classes: int, vocab_size: int = DEFAULT_NGRAM_VOCAB, hid
 _OLD_KIND = {"ngram-hash": "ngram-hash", "ngram-vocab": "ngram-vocab", "trained-tokenizer": "trained", "hf-tokenizer": "hf"}
 
 
-def text_input_kind(name: str) -> str:
-    """`models.input_kind` in the older names: 'ngram-hash' (fasttext), 'ngram-vocab' (tfidf-mlp), 'trained'
-    (a tokenizer trained on the data), 'hf'. An image model is an error."""
-    kind = input_kind(name)
-    if kind not in _OLD_KIND:
-        raise DuoclassError(f"--model {name}: an image model; pick a text model from `duoclass models`")
-    return _OLD_KIND[kind]
-
-
 # --- any Hugging Face checkpoint ----------------------------------------------------------------
 def is_hf_folder(path: str) -> bool:
     """A local folder holding a Hugging Face config.json (not a duoclass model folder)."""

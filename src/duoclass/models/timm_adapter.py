@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..errors import DuoclassError
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from . import ImageModel
 
 
@@ -53,8 +54,8 @@ def create_timm_model(
         if pretrained:
             _load_local(net, Path(pretrained), name)
     cfg = getattr(net, "pretrained_cfg", {}) or {}
-    mean = mean or list(cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = std or list(cfg.get("std", (0.229, 0.224, 0.225)))
+    mean = mean or list(cfg.get("mean", IMAGENET_MEAN))
+    std = std or list(cfg.get("std", IMAGENET_STD))
     return ImageModel(net, mean, std)
 
 
