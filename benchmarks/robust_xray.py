@@ -47,7 +47,9 @@ def train(run: Path, seed: int, flags: list[str], epochs: int | None) -> float:
 
 
 def attack(model: Path, name: str, eps: str, steps: int, max_examples: int | None) -> dict:
-    args = ["evaluate", str(model), str(DATA), "--attack", name, "--eps", eps, "--steps", str(steps), "--json"]
+    args = ["evaluate", str(model), str(DATA), "--attack", name, "--eps", eps, "--json"]
+    if name == "pgd":
+        args += ["--steps", str(steps)]
     if max_examples:
         args += ["--max-examples", str(max_examples)]
     m, wall = duoclass(*args)

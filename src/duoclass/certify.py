@@ -125,7 +125,7 @@ def certify(clf: Any, data: str | Path, split: str = "test", sigma: float = 0.25
 
     from .robust_eval import read_labelled_images, require_image_model
 
-    require_image_model(clf, "certify", "randomized smoothing adds Gaussian noise to pixels; certify an image model")
+    require_image_model(clf, "certify", "certify an image model (randomized smoothing adds Gaussian noise to its pixels)")
     check_settings(sigma, n, n0, alpha, batch_size)
     if any(not isinstance(r, (int, float)) or r < 0 for r in radii):
         raise DuoclassError(f"radii {list(radii)}: each radius must be a number >= 0, e.g. (0, 0.25, 0.5)")

@@ -64,6 +64,7 @@ class Augment:
     vflip: float = 0.0  # probability
     color_jitter: float = 0.0  # brightness/contrast/saturation strength
     random_resized_crop: float = 0.0  # min kept area; 0 = off
+    noise: float = 0.0  # Gaussian noise sigma in [0, 1] pixel space (randomized smoothing); 0 = off
 
 
 PRESETS: dict[str, Augment] = {
@@ -81,6 +82,8 @@ PRESETS: dict[str, Augment] = {
 def resolve_augment(cfg: Any) -> Augment:
     aug = PRESETS[cfg.augment]
     over = {k: getattr(cfg, k) for k in aug.__dataclass_fields__ if getattr(cfg, k, None) is not None}
+    if getattr(cfg, "noise_augment", None) is not None:
+        over["noise"] = cfg.noise_augment
     return replace(aug, **over)
 
 
@@ -113,6 +116,10 @@ class TrainConfig:
     random_resized_crop: Optional[float] = _f(
         None, "min area kept by a random resized crop, in [0, 1), 0 = off (overrides the preset)", group="image",
         example=0.35,
+    )
+    noise_augment: Optional[float] = _f(
+        None, "Gaussian noise sigma added to training images in [0, 1] pixel space (randomized smoothing needs it; "
+        "e.g. 0.25); 0 = off", group="image", example=0.25,
     )
     text_column: str = _f("text", "text task: column holding the text", group="data")
     label_column: str = _f("label", "column holding the label (text CSVs and image manifests)", group="data")
@@ -291,6 +298,7 @@ class TrainConfig:
             ("random_resized_crop", 1, False, "the min area kept, in [0, 1), e.g. 0.35, or 0 for off"),
             ("hflip", 1, True, "a probability in [0, 1]"),
             ("vflip", 1, True, "a probability in [0, 1]"),
+            ("noise_augment", 1, True, "a noise sigma in [0, 1] pixel units, e.g. 0.25 (0 = off)"),
         ):
             v = getattr(self, name)
             if v is not None and not (0 <= v <= hi if closed else 0 <= v < hi):

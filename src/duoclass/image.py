@@ -104,7 +104,7 @@ class BatchAugment:
             gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
             x = (x - gray) * uniform(1 - c, 1 + c).view(b, 1, 1, 1) + gray  # saturation
             x = x.clamp(0, 1)
-        noise = getattr(a, "noise", 0.0)
+        noise = a.noise
         if noise:
             x = x + torch.randn_like(x) * noise
         return {**batch, "pixel_values": x}
