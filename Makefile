@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/python -m pip install --quiet torch torchvision
 	$(BIN)/python -m pip install --quiet -e ".[text,tune,tensorboard,dev]"
+	# AutoAttack and the reference attacks; every torchattacks release pins an old requests it never imports
+	$(BIN)/python -m pip install --quiet --no-deps "torchattacks==3.5.1"
 	touch $(STAMP)
 
 ## Quick start 1: train, evaluate and predict on scikit-learn's bundled digits

@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule (AdamW)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--eps", default="8/255")
-    p.add_argument("--subset", type=int, default=0, help="train on this many images (and evaluate on a quarter as many); 0 = all")
+    p.add_argument("--subset", type=int, default=0, help="train on this many images (validate and test on an eighth as many); 0 = all")
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--restarts", type=int, default=1, help="PGD restarts at evaluation (Wong et al. report 10)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -182,10 +182,10 @@ def main() -> None:
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(a.seed)).tolist()
     keep = sorted(order[: a.subset]) if a.subset else list(range(len(data.train)))
     if a.subset:  # a smoke run: fewer images everywhere
-        n_eval = max(64, a.subset // 4)
+        n_eval = max(32, a.subset // 8)  # spread over each split, which is ordered by class
         data.train, data.train_labels = Subset(data.train, keep), [data.train_labels[i] for i in keep]
-        data.valid = Subset(data.valid, range(min(n_eval, len(data.valid))))
-        data.test = Subset(data.test, range(0, len(data.test), max(1, len(data.test) // n_eval)))
+        data.valid = Subset(data.valid, range(0, len(data.valid), max(1, len(data.valid) // n_eval))[:n_eval])
+        data.test = Subset(data.test, range(0, len(data.test), max(1, len(data.test) // n_eval))[:n_eval])
     full_train = data.train.dataset if isinstance(data.train, Subset) else data.train
     images = torch.stack([full_train.cache[i] for i in keep]).to(device)  # (N, 3, 32, 32) uint8
     labels = torch.tensor([full_train.labels[i] for i in keep], device=device)

@@ -408,6 +408,17 @@ def test_adversarial_training_through_fit_records_how(digits: Path, tmp_path: Pa
     assert make_step(dataclasses.replace(cfg, adversarial="none", adv_ratio=1.0), data) is None
 
 
+def test_train_api_passes_the_adversarial_step(digits: Path, tmp_path: Path) -> None:
+    import duoclass
+
+    clf = duoclass.train(digits, model="msresnet-tiny", image_size=16, epochs=1, max_steps=2, augment="none",
+                         progress=False, tensorboard=False, workers=0, device="cpu", output=str(tmp_path / "run"),
+                         adversarial="pgd", adv_steps=2, eps="4/255")
+    training = json.loads((Path(clf.result_.model_dir) / "config.json").read_text())["training"]
+    assert (training["mode"], training["steps"], training["eps_setting"]) == ("pgd", 2, "4/255")
+    assert "valid_pgd_accuracy" in (tmp_path / "run" / "metrics.csv").read_text()
+
+
 # --- the catastrophic-overfitting guard --------------------------------------------------------------------
 class MeanPixel(nn.Module):
     """Two classes by mean brightness (dark 0.3, bright 0.7): eps = 8/255 cannot move the mean across 0.5.

@@ -265,3 +265,28 @@ def test_character_noise_evaluation(tmp_path: Path) -> None:
     assert zero == clean and heavy < clean  # rate 0 is the clean text; half the characters changed costs accuracy
     r = run_cli("evaluate", str(tmp_path / "run" / "model"), str(data), "--char-noise", "0.05,2")
     assert r.returncode == 2 and "--char-noise" in r.stderr
+
+
+def test_a_step_can_report_metrics_and_stop_the_run(digits: Path, tmp_path: Path) -> None:
+    """step.after_epoch's metrics land in the epoch log; its stop reason ends the run without keeping that epoch."""
+    import csv as csv_
+
+    from duoclass.engine import fit, standard_step
+
+    class Watched:
+        def __call__(self, ctx, inputs, labels):
+            return standard_step(ctx, inputs, labels)
+
+        def describe(self):
+            return {"step": "watched"}
+
+        def after_epoch(self, model, epoch):
+            return {"metrics": {"watch": float(epoch)}, **({"stop": "it went wrong"} if epoch == 1 else {})}
+
+    cfg = _settings(digits, tmp_path / "run", epochs=5)
+    result = fit(cfg, prepare(cfg), step=Watched())
+    rows = list(csv_.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # stopped after the second epoch
+    assert [r["valid_watch"] for r in rows] == ["0.0", "1.0"]
+    assert result.best_epoch == 1  # the epoch that asked to stop is not kept
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["training"]["step"] == "watched"

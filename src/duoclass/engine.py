@@ -554,7 +554,10 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
                 for k, v in row.items():
                     if k != "epoch":
                         writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-            stop = cfg.early_stopping > 0 and bad_epochs >= cfg.early_stopping
+            patience_out = cfg.early_stopping > 0 and bad_epochs >= cfg.early_stopping
+            if patience_out:
+                log.info("early stopping: no %s improvement for %d epochs", cfg.select_metric, cfg.early_stopping)
+            stop = stop or patience_out
             if sched_when == "epoch":
                 scheduler.step(score)
             _write_history(run_dir, history)
@@ -582,8 +585,6 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
                     writer.close()
                 raise
         if stop:
-            if d.main:
-                log.info("early stopping: no %s improvement for %d epochs", cfg.select_metric, cfg.early_stopping)
             break
     if writer is not None:
         writer.close()

@@ -172,7 +172,7 @@ def attack_batch(name: str, model: Any, x: Any, y: Any, eps: float, steps: int, 
     try:
         import torchattacks
     except ImportError:
-        raise DuoclassError("--attack autoattack: needs torchattacks; install it with `pip install torchattacks`") from None
+        raise DuoclassError("--attack autoattack: needs torchattacks; install it with `pip install --no-deps torchattacks` (its only needs, torch, numpy and scipy, come with duoclass)") from None
     if eps == 0:  # nothing to search; torchattacks' step sizes divide by eps
         return x
     aa = torchattacks.AutoAttack(_pixel_model(model), norm="Linf", eps=eps, version="standard", n_classes=n_classes,
