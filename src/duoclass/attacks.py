@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import autocast
+from .config import DEFAULT_EPS, TEXT_EPS, eps_value, parse_eps  # noqa: F401  (settings parse eps without torch)
 from .errors import DuoclassError
 
 if TYPE_CHECKING:
@@ -55,49 +56,10 @@ log = logging.getLogger("duoclass")
 
 IMAGE_MODES = ("fgsm", "pgd", "trades")
 TEXT_MODES = ("fgm", "pgd")
-DEFAULT_EPS = "8/255"  # the --eps default; for text it means TEXT_EPS
-TEXT_EPS = 1.0  # the --eps default for text: L2 norm of the perturbation of the embedding table
 GUARD_EXAMPLES = 256  # size of the fixed validation batch of the catastrophic-overfitting guard
 GUARD_STEPS = 10
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # logits (B, C) -> the scalar an attack maximises
-
-
-# --- epsilon -----------------------------------------------------------------------------------
-def _number(value: str | float, flag: str) -> float:
-    """A finite number >= 0 from 0.03, "0.03" or a fraction "8/255"."""
-    v = math.nan
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        v = float(value)
-    elif isinstance(value, str):
-        num, slash, den = value.partition("/")
-        try:
-            v = float(num) / float(den) if slash else float(value)
-        except (ValueError, ZeroDivisionError):
-            pass
-    if not math.isfinite(v):
-        raise DuoclassError(f"{flag}: got {value!r}; expected a number or a fraction, e.g. {flag} 8/255 or {flag} 0.03")
-    if v < 0:
-        raise DuoclassError(f"{flag}: got {value!r}; the attack budget must be >= 0, e.g. {flag} 8/255")
-    return v
-
-
-def parse_eps(text: str | float, flag: str = "--eps") -> float:
-    """An image attack budget from "8/255", "0.03" or 0.03; a DuoclassError naming `flag` unless it is in [0, 1]."""
-    v = _number(text, flag)
-    if v > 1:
-        raise DuoclassError(f"{flag}: got {text!r}; images are attacked in [0, 1] pixel space, so eps must be in "
-                            f"[0, 1], e.g. {flag} 8/255")
-    return v
-
-
-def eps_value(text: str | float, task: str) -> float:
-    """--eps for `task`: in [0, 1] for images; for text any number >= 0, and the untouched default means TEXT_EPS."""
-    if task == "text":
-        return TEXT_EPS if text == DEFAULT_EPS else _number(text, "--eps")
-    if task == "image":
-        return parse_eps(text)
-    return _number(text, "--eps")  # the task is not known yet ("auto"): the format only
 
 
 def check_adversarial(cfg: "TrainConfig", task: str | None = None) -> float | None:
