@@ -314,7 +314,7 @@ def train_one_epoch(
     """One pass over `batches`; returns the mean training loss. The loss stays on the device until the end
     (no host-device sync per step); the progress bar reads it every 20 steps."""
     ctx.model.train()
-    total = torch.zeros((), device=ctx.device)
+    total = torch.zeros((), dtype=torch.float32 if ctx.device.type == "mps" else torch.float64, device=ctx.device)
     count = 0
     for batch in batches:
         if batch is None:  # every example of the batch was unusable
@@ -341,7 +341,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update(ctx.model.module if hasattr(ctx.model, "module") else ctx.model)
         n = labels.shape[0]
-        total += loss.float() * n
+        total += loss.to(total.dtype) * n
         count += n
         ctx.step += 1
         if progress is not None:
@@ -367,7 +367,10 @@ def evaluate_dataset(model: nn.Module, ds: Any, collate: Callable, cfg: TrainCon
     process waits long for another; rank 0 gets the metrics, the others None.
     """
     part = ds if d.world == 1 else Subset(ds, list(range(d.rank, len(ds), d.world)))
-    loader = DataLoader(part, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0)
+    # a generator of its own: iterating a DataLoader draws a seed from it, and drawing from the global one
+    # would shift the training randomness (augmentation, dropout) of every later epoch
+    loader = DataLoader(part, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0,
+                        generator=torch.Generator().manual_seed(0))
     ys: list[torch.Tensor] = []
 
     def inputs() -> Iterable[dict[str, torch.Tensor]]:
