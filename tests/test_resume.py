@@ -43,6 +43,7 @@ def _losses(run: Path) -> list[tuple]:
     return [(r["epoch"], r["train_loss"], r["valid_loss"], r["valid_accuracy"]) for r in rows]
 
 
+@pytest.mark.slow  # the kill at every step of a save (below) covers resume in the default run
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(digits: Path, tmp_path: Path) -> None:
     ref = tmp_path / "ref"
     r = run_cli("train", str(digits), *ARGS, "--output", str(ref))
