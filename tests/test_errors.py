@@ -405,11 +405,16 @@ class _Plant:
 
 
 def test_malicious_pickle_is_real(tmp_path: Path) -> None:
-    """The payload used below does run when unpickled the unsafe way (so its refusal below means something)."""
+    """The payload used below is real (so its refusal below means something): its pickle holds a REDUCE of the
+    call, and that call, which an unsafe unpickler makes, writes the marker."""
     import pickle
+    import pickletools
 
     marker = tmp_path / "ran"
-    pickle.loads(pickle.dumps(_Plant(marker)))
+    ops = {op.name for op, _, _ in pickletools.genops(pickle.dumps(_Plant(marker)))}
+    assert "REDUCE" in ops
+    fn, args = _Plant(marker).__reduce__()
+    fn(*args)  # what unpickling it would do
     assert marker.read_text() == "pwned"
 
 
