@@ -246,3 +246,23 @@ def test_plot_draws_every_attack(tmp_path: Path) -> None:
     assert len(robustness_figure(robust[0]).axes[0].get_lines()) == 1  # one result alone
     plot_robustness(robust, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_autoattack_on_a_two_class_model() -> None:
+    """Binary models (chest X-rays) get AutoAttack without APGD-T, whose targeted DLR loss needs 4 classes;
+    it still finds no more robust accuracy than PGD, and the record says which attacks ran."""
+    pytest.importorskip("torchattacks")
+    from duoclass.models import create_model
+    from duoclass.robust_eval import LabelledImages, robust_accuracy
+
+    torch.manual_seed(0)
+    model = create_model("msresnet-tiny", 2, image_size=16).eval()
+    rng = np.random.default_rng(0)
+    images = LabelledImages(rng.integers(0, 256, (8, 3, 16, 16), dtype=np.uint8),
+                            rng.integers(0, 2, 8).astype(np.int64), [f"x{i}" for i in range(8)], 0)
+    budgets = [(8 / 255, "8/255")]
+    aa = robust_accuracy(model, images, "autoattack", budgets, n_classes=2)
+    pgd = robust_accuracy(model, images, "pgd", budgets, steps=10, n_classes=2)
+    assert aa["components"] == ["apgd-ce", "fab", "square"]
+    assert aa["clean_accuracy"] == pgd["clean_accuracy"] > 0
+    assert aa["results"][0]["accuracy"] <= pgd["results"][0]["accuracy"] <= aa["clean_accuracy"]

@@ -175,19 +175,34 @@ def attack_batch(name: str, model: Any, x: Any, y: Any, eps: float, steps: int, 
         raise DuoclassError("--attack autoattack: needs torchattacks; install it with `pip install --no-deps torchattacks` (its only needs, torch, numpy and scipy, come with duoclass)") from None
     if eps == 0:  # nothing to search; torchattacks' step sizes divide by eps
         return x
-    aa = torchattacks.AutoAttack(_pixel_model(model), norm="Linf", eps=eps, version="standard", n_classes=n_classes,
-                                 seed=seed)
+    net = _pixel_model(model)
+    if n_classes >= 4:
+        aa = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard", n_classes=n_classes, seed=seed)
+    else:  # APGD-T's targeted DLR loss needs 4 classes; the rest of the standard suite, with the same settings
+        aa = torchattacks.MultiAttack([
+            torchattacks.APGD(net, norm="Linf", eps=eps, loss="ce", n_restarts=1, seed=seed),
+            torchattacks.FAB(net, norm="Linf", eps=eps, multi_targeted=False, n_classes=n_classes, n_restarts=1, seed=seed),
+            torchattacks.Square(net, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed),
+        ])
     return aa(x, y)
 
 
-def attack_settings(name: str, steps: int | None) -> dict[str, Any]:
+def autoattack_components(n_classes: int | None) -> list[str]:
+    """The attacks AutoAttack runs: the standard four; below 4 classes APGD-T (its targeted DLR loss
+    needs 4) is left out and FAB runs untargeted (with 2 classes the only target is the other class)."""
+    if n_classes is None or n_classes >= 4:
+        return ["apgd-ce", "apgd-t", "fab-t", "square"]
+    return ["apgd-ce", "fab", "square"]
+
+
+def attack_settings(name: str, steps: int | None, n_classes: int | None = None) -> dict[str, Any]:
     """What the result of one attack records beside its figures."""
     if name == "fgsm":
         return {"attack": "fgsm", "norm": "linf", "steps": 1, "step_size": "eps", "random_start": False}
     if name == "pgd":
         return {"attack": "pgd", "norm": "linf", "steps": steps, "step_size": "2.5 * eps / steps", "random_start": True}
     return {"attack": "autoattack", "norm": "linf", "version": "standard", "steps": None, "step_size": None,
-            "random_start": True, "components": ["apgd-ce", "apgd-t", "fab-t", "square"]}
+            "random_start": True, "components": autoattack_components(n_classes)}
 
 
 def robust_accuracy(model: Any, images: LabelledImages, attack: str, budgets: Sequence[tuple[float, str]],
@@ -196,7 +211,7 @@ def robust_accuracy(model: Any, images: LabelledImages, attack: str, budgets: Se
     """Clean and robust accuracy of a torch module (taking {"pixel_values": x}) under one attack, per eps."""
     import torch
 
-    settings = attack_settings(attack, steps)
+    settings = attack_settings(attack, steps, n_classes)
     steps = settings["steps"] or 0
     dev = next(model.parameters()).device
     was_training = model.training
