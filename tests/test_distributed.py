@@ -17,6 +17,7 @@ ARGS = ["--model", "msresnet-tiny", "--image-size", "16", "--epochs", "6", "--lr
         "--device", "cpu", "--workers", "0", "--no-progress", "--no-tensorboard", "--seed", "0"]
 
 
+@pytest.mark.slow  # long: runs with `make test-slow`
 def test_two_processes_match_one(digits: Path, tmp_path: Path) -> None:
     one = run_cli("train", str(digits), *ARGS, "--batch-size", "64", "--output", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr

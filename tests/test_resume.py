@@ -73,6 +73,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(digits: Path, tmp_p
     assert _final(run) == _final(ref)
 
 
+@pytest.mark.slow  # long: runs with `make test-slow`
 def test_resume_of_a_finished_run_changes_nothing(digits: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [a if a != "4" else "1" for a in ARGS]
@@ -330,6 +331,7 @@ def text_faults(text_data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
                       [(2, i, SWAP) for i in range(len(steps))])
 
 
+@pytest.mark.slow  # long: runs with `make test-slow`
 @needs_fork
 def test_the_fault_runs_cover_every_save_step(text_faults: dict) -> None:
     """The reference run counted exactly the steps the kills are parametrized over."""

@@ -107,6 +107,7 @@ def test_models_command_lists_text_presets(capsys: pytest.CaptureFixture) -> Non
 
 
 # --- train -> folder -> load -> predict ------------------------------------------------------
+@pytest.mark.slow  # long: runs with `make test-slow`
 def test_albert_train_save_load_predict(albert: duoclass.Classifier, toy: Path, tmp_path: Path) -> None:
     res = albert.result_
     assert res.test["accuracy"] >= 0.8
@@ -368,6 +369,7 @@ def test_bad_input_errors(albert: duoclass.Classifier, tmp_path: Path, capsys: p
     assert "test.csv" in line and "'neutral'" in line and "never appears in the training data" in line
 
 
+@pytest.mark.slow  # long: runs with `make test-slow`
 def test_offline_hub_model_is_one_clear_error(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Text data without --model means hf:albert-base-v2; offline that is one line naming the way out."""
     r = run_cli("train", str(toy), "--epochs", "1", "--output", str(tmp_path / "run"),

@@ -74,6 +74,7 @@ def test_text_study_prunes_writes_best_yaml_and_resumes(toy: Path, tmp_path: Pat
     assert (study_dir / "trial-2" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow  # long: runs with `make test-slow`
 def test_image_study(digits: Path, tmp_path: Path) -> None:
     base = TrainConfig(data=str(digits), model="msresnet-tiny", image_size=16, epochs=1, augment="none", **QUIET)
     summary = tune(base, trials=3, study_dir=tmp_path / "img")

@@ -67,11 +67,12 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import DuoclassError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("duoclass")
 
@@ -314,8 +315,11 @@ def model_folder_config(task: str, model_name: str, model_args: dict[str, Any], 
 def versions() -> dict[str, str]:
     from . import __version__
 
-    out = {"duoclass": __version__, "torch": torch.__version__.split("+")[0]}
+    out = {"duoclass": __version__}
     try:
+        import torch
+
+        out["torch"] = torch.__version__.split("+")[0]
         import timm
 
         out["timm"] = timm.__version__
@@ -472,9 +476,11 @@ def save_model_folder(
 
 
 def update_model_folder(folder: str | Path, metrics: dict[str, Any] | None = None,
-                        files: dict[str, bytes] | None = None, variants: dict[str, dict[str, Any]] | None = None) -> Path:
+                        files: dict[str, bytes] | None = None, variants: dict[str, dict[str, Any]] | None = None,
+                        output: str | Path | None = None) -> Path:
     """Replace a verified model folder by a copy with new metrics.json, added or replaced files and
     added variants (name -> {"path", "format", ...}), re-hashed; the same one-step replace as saving.
+    With `output`, the copy is written there (replacing any model folder at `output`) and `folder` is left alone.
 
     A format 1 folder comes out as format 2. The weights and every other file are copied as they are.
     """
@@ -499,8 +505,9 @@ def update_model_folder(folder: str | Path, metrics: dict[str, Any] | None = Non
     base["model"] = {"name": cfg["model"]["name"], "args": cfg["model"].get("args", {})}
     if variants:
         base["variants"] = {**cfg.get("variants", {}), **variants}
-    _write_folder(folder, base, blobs)
-    return folder
+    target = Path(output) if output is not None else folder
+    _write_folder(target, base, blobs)
+    return target
 
 
 def update_model_folder_metrics(folder: str | Path, metrics: dict[str, Any]) -> Path:
@@ -619,12 +626,16 @@ def _exchange(a: Path, b: Path) -> bool:
 
 # --- training state -----------------------------------------------------------------------
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise DuoclassError(f"{path}: no training state to resume from; was the run started with this --output?")

@@ -25,6 +25,8 @@ from .predict import Prediction, evaluate_results, predict_items, probabilities
 
 log = logging.getLogger("duoclass")
 
+BACKENDS = ("torch", "onnx", "onnx-int8")  # what `backend=` / `--backend` accept
+
 
 def _as_list(inputs: Any) -> tuple[list[Any], bool]:
     """(inputs as a list, whether a single input was given)."""
@@ -56,21 +58,36 @@ class Classifier:
         self.result_: Any = None  # engine.RunResult when the classifier came from duoclass.train
 
     @classmethod
-    def from_folder(cls, path: str | Path, device: str = "auto", backend: str = "torch") -> "Classifier":
-        """Load a model folder: every file's hash is checked, nothing is unpickled or executed."""
+    def from_folder(cls, path: str | Path, device: str = "auto", backend: str = "torch",
+                    threads: int | None = None) -> "Classifier":
+        """Load a model folder: every file's hash is checked, nothing is unpickled or executed.
+
+        backend: "torch" (the weights, eager), "onnx" or "onnx-int8" (the folder's ONNX variant on ONNX Runtime,
+        written by `duoclass export` / `duoclass quantize`; these need neither torch nor transformers)."""
+        from .checkpoint import read_model_config
         from .preprocess import preprocessor_from_config
 
         folder = Path(path)
-        if backend != "torch":
-            from .backends import backend_names
+        if backend not in BACKENDS:
+            raise DuoclassError(f"--backend {backend}: unknown backend; choose one of: {', '.join(BACKENDS)}")
+        if backend == "torch":
+            from .backends import torch_backend_from_folder
+            from .checkpoint import read_model_folder
 
-            raise DuoclassError(f"--backend {backend}: unknown backend; choose one of: {', '.join(backend_names())}")
-        from .backends import torch_backend_from_folder
-        from .checkpoint import read_model_folder
+            cfg, state = read_model_folder(folder)
+            runner: Any = torch_backend_from_folder(cfg, state, folder, device)
+        else:
+            from .onnx_backend import OnnxBackend
 
-        cfg, state = read_model_folder(folder)
+            cfg = read_model_config(folder)
+            variant = cfg.get("variants", {}).get(backend)
+            if variant is None:
+                how = ("duoclass export MODEL_DIR --format onnx" if backend == "onnx" else "duoclass quantize MODEL_DIR")
+                raise DuoclassError(f"{folder}: --backend {backend}: the folder has no {backend} variant; "
+                                    f"make it with `{how}`")
+            runner = OnnxBackend(folder / variant["path"], threads=threads, name=backend)
         pre = preprocessor_from_config(cfg["task"], cfg["preprocessing"], folder)
-        return cls(torch_backend_from_folder(cfg, state, folder, device), cfg["classes"], pre, cfg, folder)
+        return cls(runner, cfg["classes"], pre, cfg, folder)
 
     # --- what it is ---------------------------------------------------------------------------
     @property
@@ -132,20 +149,14 @@ class Classifier:
         return [r.label for r in self.predict_results(inputs, 1, batch_size)]
 
     # --- evaluation -----------------------------------------------------------------------
-    def evaluate(self, data: str | Path, split: str = "test", batch_size: int = 64, top_k: int | None = None,
-                 text_column: str | None = None, label_column: str | None = None,
-                 path_column: str | None = None, char_noise: Sequence[float] = (), seed: int = 0) -> dict[str, Any]:
-        """Metrics on a labelled split of a dataset (the layouts `train` reads), evaluated as in training
-        (the folder's evaluation settings, e.g. test-time augmentation). Unreadable inputs are skipped and counted.
-
-        char_noise (text models): also accuracy and macro F1 with each test text perturbed at these character
-        rates (random deletions, swaps and insertions; text_augment.perturb_chars, seeded by `seed`),
-        in m["char_noise"]."""
+    def split_inputs(self, data: str | Path, split: str = "test", text_column: str | None = None,
+                     label_column: str | None = None, path_column: str | None = None
+                     ) -> tuple[list[Any], list[str], list[int], int]:
+        """A labelled split of a dataset as this model's inputs: (inputs, display names, label ids, rows skipped
+        for empty text). The data must be of this model's kind (images or text)."""
         from .data.splits import label_ids
         from .data.text_files import holds_text
 
-        self._check()
-        top_k = top_k or int(self.config_.get("evaluation", {}).get("top_k", 5))
         pre = self.preprocessor
         text_column = text_column or getattr(pre, "text_column", "text")
         label_column = label_column or getattr(pre, "label_column", "label")
@@ -167,6 +178,21 @@ class Classifier:
             inputs = [ref for ref, _ in ds.splits[split]]
             names, raw_labels, where, empty = [display(r) for r in inputs], [y for _, y in ds.splits[split]], str(data), 0
         labels = label_ids(raw_labels, self.classes_, f"{where} ({split} split)")  # type: ignore[arg-type]
+        return inputs, names, labels, empty
+
+    def evaluate(self, data: str | Path, split: str = "test", batch_size: int = 64, top_k: int | None = None,
+                 text_column: str | None = None, label_column: str | None = None,
+                 path_column: str | None = None, char_noise: Sequence[float] = (), seed: int = 0) -> dict[str, Any]:
+        """Metrics on a labelled split of a dataset (the layouts `train` reads), evaluated as in training
+        (the folder's evaluation settings, e.g. test-time augmentation). Unreadable inputs are skipped and counted.
+
+        char_noise (text models): also accuracy and macro F1 with each test text perturbed at these character
+        rates (random deletions, swaps and insertions; text_augment.perturb_chars, seeded by `seed`),
+        in m["char_noise"]."""
+        self._check()
+        top_k = top_k or int(self.config_.get("evaluation", {}).get("top_k", 5))
+        pre = self.preprocessor
+        inputs, names, labels, empty = self.split_inputs(data, split, text_column, label_column, path_column)
         results = predict_items(pre, self.backend, self.classes_, inputs, batch_size, 1, self.tta, names=names)
         m = evaluate_results(results, labels, self.classes_, top_k, f"{data} ('{split}' split)")
         m["skipped_files"] += empty  # text rows with empty text are skipped when reading, as in training

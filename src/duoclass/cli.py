@@ -5,6 +5,9 @@
     duoclass evaluate runs/x/model DATA --attack pgd,autoattack --eps 2/255,8/255 --max-examples 500
     duoclass certify runs/x/model DATA --sigma 0.25 --n 1000 --output certify.csv
     duoclass predict runs/x/model INPUT --output predictions.csv --top-k 3
+    duoclass export runs/x/model --format onnx           # then: duoclass predict runs/x/model INPUT --backend onnx
+    duoclass quantize runs/x/model                         # int8, kept only if faster and no worse: --backend onnx-int8
+    duoclass prune runs/x/model --amount 0.3 --finetune 3
     duoclass clean DATA --quarantine quarantine/ --report clean_report
     duoclass tune DATA --trials 20 --epochs 5 --study-dir runs/tune   # then: duoclass train --config runs/tune/best.yaml
     duoclass pretrain corpus.txt --output runs/mlm        # then: duoclass train DATA --model runs/mlm
@@ -137,7 +140,9 @@ def cmd_tune(ns: argparse.Namespace) -> int:
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from . import api
 
-    clf = api.load(ns.model_dir, device=ns.device)
+    if ns.backend != "torch" and ns.attack:
+        raise DuoclassError(f"--attack needs gradients, which only --backend torch has (got --backend {ns.backend})")
+    clf = api.load(ns.model_dir, device=ns.device, backend=ns.backend)
     robust = None
     attack_only = {"--eps": ns.eps, "--steps": ns.steps, "--max-examples": ns.max_examples, "--plot": ns.plot, "--seed": ns.seed}
     if ns.attack:  # attacks first: an attack on a text model fails before the clean pass
@@ -208,6 +213,52 @@ def cmd_predict(ns: argparse.Namespace) -> int:
                                labels_only=ns.labels_only)
     if ns.output:
         print(f"wrote {n} predictions to {ns.output}" + (f" ({failed} inputs could not be read: see the error column)" if failed else ""))
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    if ns.format == "transformers":
+        from .hf_export import export_transformers
+
+        if not ns.output:
+            raise DuoclassError("--format transformers: pass --output DIR, the folder to write")
+        print(json.dumps(export_transformers(ns.model_dir, ns.output)))
+        return 0
+    from .export import export_onnx
+
+    r = export_onnx(ns.model_dir, output=ns.output, data=ns.data, examples=ns.examples)
+    p = r["parity"]
+    print(f"wrote {r['folder']}/{r['path']} ({r['exporter']}, opset {r['opset']}); parity on {p['examples']} inputs: "
+          f"max |logit difference| {p['max_abs_logit_diff']:.2e}, label agreement {p['label_agreement']:.4f}")
+    return 0
+
+
+def cmd_quantize(ns: argparse.Namespace) -> int:
+    from .quantize import quantize_model_folder
+
+    r = quantize_model_folder(ns.model_dir, method=ns.method, output=ns.output, data=ns.data, split=ns.split,
+                              max_accuracy_drop=ns.max_accuracy_drop, force=ns.force, calibration=ns.calibration,
+                              batch_size=ns.batch_size)
+    if ns.json:
+        print(json.dumps(r))
+        return 0
+    a, b = r["fp32"], r["int8"]
+    print(f"int8 ({r['settings']['method']}, {r['settings']['why']}) on {r['examples']} {r['split']} examples, "
+          f"{r['threads']} threads:")
+    print(f"  accuracy {a['accuracy']:.4f} -> {b['accuracy']:.4f}, macro F1 {a['f1_macro']:.4f} -> {b['f1_macro']:.4f}, "
+          f"label agreement {r['label_agreement']:.4f}")
+    print(f"  {a['items_per_s']:.1f} -> {b['items_per_s']:.1f} items/s at batch {a['batch']} ({r['speedup']:.2f}x); batch-1 "
+          f"p50 {a['latency_ms_p50']:.2f} -> {b['latency_ms_p50']:.2f} ms, p99 {a['latency_ms_p99']:.2f} -> {b['latency_ms_p99']:.2f} ms")
+    print(f"wrote {r['folder']}/variants/onnx-int8/model.onnx" + (" (forced: it did not pass)" if r["forced"] else ""))
+    return 0
+
+
+def cmd_prune(ns: argparse.Namespace) -> int:
+    from .prune import format_report, prune_model_folder
+
+    r = prune_model_folder(ns.model_dir, amount=ns.amount, output=ns.output, finetune_epochs=ns.finetune, data=ns.data,
+                           device=ns.device)
+    print(json.dumps(r) if ns.json else format_report(r))
     return 0
 
 
@@ -315,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--top-k", type=int, default=5)
     e.add_argument("--device", default="auto")
+    e.add_argument("--backend", default="torch", metavar="NAME",
+                   help="what runs the model: torch, onnx or onnx-int8 (after `duoclass export` / `duoclass quantize`)")
     e.add_argument("--text-column", default=None, help="text models: column holding the text (default: the training one)")
     e.add_argument("--label-column", default=None, help="column holding the label (default: the training one)")
     e.add_argument("--path-column", default=None,
@@ -364,8 +417,49 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.add_argument("--text-column", default=None, help="text models: column holding the text (default: the training one)")
     pr.add_argument("--labels-only", action="store_true", help="write only the first two columns (path or id, label)")
-    pr.add_argument("--backend", default="torch", help="what runs the model (torch)")
+    pr.add_argument("--backend", default="torch", metavar="NAME",
+                    help="what runs the model: torch, onnx or onnx-int8 (after `duoclass export` / `duoclass quantize`; "
+                         "these need only onnxruntime, not torch)")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="write the model as ONNX (checked against torch) or as a transformers folder",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("model_dir")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "transformers"],
+                    help="onnx: added to the model folder as variants/onnx (or to a copy at --output); transformers: "
+                         "a folder transformers' Auto classes and pipeline() load (needs --output)")
+    ex.add_argument("--output", default=None, metavar="DIR", help="write there instead of into MODEL_DIR")
+    ex.add_argument("--data", default=None, metavar="DIR",
+                    help="inputs for the parity check (default: the training data config.json records)")
+    ex.add_argument("--examples", type=int, default=256, help="inputs in the parity check")
+    ex.set_defaults(func=cmd_export)
+
+    q = sub.add_parser("quantize", help="int8 with ONNX Runtime, written only when measured faster and no worse",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("model_dir")
+    q.add_argument("--method", default=None, choices=["dynamic", "static"],
+                   help="dynamic (text default) or static QDQ calibrated on training data (image default)")
+    q.add_argument("--output", default=None, metavar="DIR", help="write a copy of the folder there instead of into MODEL_DIR")
+    q.add_argument("--data", default=None, metavar="DIR", help="labelled data (default: the training data config.json records)")
+    q.add_argument("--split", default="test", help="split the int8 model is measured on")
+    q.add_argument("--max-accuracy-drop", type=float, default=0.5, metavar="POINTS",
+                   help="refuse an int8 model that loses more accuracy than this (in points)")
+    q.add_argument("--calibration", type=int, default=256, metavar="N", help="static: training inputs to calibrate on")
+    q.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput measurement")
+    q.add_argument("--force", action="store_true", help="write the int8 model even when it is slower or loses too much")
+    q.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    q.set_defaults(func=cmd_quantize)
+
+    pn = sub.add_parser("prune", help="msresnet: structured channel pruning (fewer FLOPs), optionally fine-tuned",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pn.add_argument("model_dir")
+    pn.add_argument("--amount", type=float, default=0.3, help="share of each convolution's channels to remove")
+    pn.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="fine-tune this many epochs after pruning")
+    pn.add_argument("--output", default=None, metavar="DIR", help="where to write (default: MODEL_DIR-pruned)")
+    pn.add_argument("--data", default=None, metavar="DIR", help="training data (default: the one config.json records)")
+    pn.add_argument("--device", default="auto")
+    pn.add_argument("--json", action="store_true", help="print the report as JSON")
+    pn.set_defaults(func=cmd_prune)
 
     pt = sub.add_parser("pretrain", help="masked-language-model pretraining on unlabelled text (writes an HF folder)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

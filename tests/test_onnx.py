@@ -1,0 +1,353 @@
+"""ONNX export, the ONNX Runtime backend and int8 quantization, on small real models trained here.
+
+Every model kind duoclass trains is exported and must predict what torch predicts; the exported
+folder runs in a fresh virtual environment that has onnxruntime, numpy, Pillow and tokenizers and
+no torch; int8 is written only when its own measurements pass, and every refusal is one clear line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import duoclass
+from duoclass import cli
+from duoclass.errors import DuoclassError
+
+from .test_text import make_toy
+
+pytestmark = pytest.mark.timeout(600)
+
+FAST = dict(progress=False, tensorboard=False, device="cpu", seed=0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_toy(tmp_path_factory.mktemp("onnx-text") / "toy", 120, 30)
+
+
+def train(tmp: pytest.TempPathFactory, name: str, data: Path, **kw) -> Path:
+    out = tmp.mktemp(name)
+    duoclass.train(data, output=str(out), **kw, **FAST)
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def image_model(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(tmp_path_factory, "onnx-msresnet", digits, model="msresnet-tiny", image_size=16, epochs=1, augment="none")
+
+
+TEXT = {
+    "tfidf-mlp": dict(model="tfidf-mlp", epochs=2),
+    "fasttext": dict(model="fasttext", epochs=2),
+    "fasttext-attention": dict(model="fasttext", epochs=2, pooling="attention"),
+    "albert-scratch-tiny": dict(model="albert-scratch-tiny", epochs=1),
+    "albert-attention": dict(model="albert-scratch-tiny", epochs=1, pooling="attention"),
+}
+
+
+class TextModels(dict):
+    """Model folders of the TEXT kinds, each trained the first time a test asks for it."""
+
+    def __init__(self, toy: Path, tmp: pytest.TempPathFactory):
+        super().__init__()
+        self.toy, self.tmp = toy, tmp
+
+    def __missing__(self, kind: str) -> Path:
+        self[kind] = train(self.tmp, f"onnx-{kind}", self.toy, batch_size=16, **TEXT[kind])
+        return self[kind]
+
+
+@pytest.fixture(scope="module")
+def text_models(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return TextModels(toy, tmp_path_factory)
+
+
+SLOW = pytest.mark.slow  # the other model kinds take the same path; they run with `make test-slow`
+
+
+def texts(toy: Path) -> list[str]:
+    import csv
+
+    with open(toy / "test.csv", newline="", encoding="utf-8") as f:
+        rows = [r["text"] for r in csv.DictReader(f)]
+    return rows + ["", "zzzz qqqq unseen words only", "a " * 400]  # empty, no known token, longer than max_length
+
+
+def same_predictions(folder: Path, inputs: list, backend: str = "onnx", atol: float = 1e-4) -> None:
+    ref = duoclass.load(folder, device="cpu").predict_results(inputs, top_k=2)
+    got = duoclass.load(folder, backend=backend).predict_results(inputs, top_k=2)
+    assert [r.label for r in got] == [r.label for r in ref]
+    assert [r.error for r in got] == [r.error for r in ref]
+    ok = [i for i, r in enumerate(ref) if r.ok]
+    assert ok, "nothing was predicted"
+    np.testing.assert_allclose(np.stack([got[i].probs for i in ok]), np.stack([ref[i].probs for i in ok]), atol=atol)
+
+
+# --- export -----------------------------------------------------------------------------------
+def test_image_model_exports_and_predicts_as_torch(image_model: Path, digits: Path) -> None:
+    from duoclass.export import export_onnx
+
+    r = export_onnx(image_model)
+    assert r["exporter"] == "torch.onnx dynamo" and r["opset"] >= 18
+    p = r["parity"]
+    assert p["examples"] >= 2 and p["max_abs_logit_diff"] < 1e-3 and p["label_agreement"] == 1.0
+    cfg = json.loads((image_model / "config.json").read_text())
+    assert cfg["variants"]["onnx"]["parity"] == p  # stored in the folder, and in its own file
+    assert json.loads((image_model / "variants/onnx/parity.json").read_text()) == p
+    images = sorted(str(f) for f in (digits / "test").rglob("*.png"))[:40]
+    same_predictions(image_model, images + [str(digits / "missing.png")])
+    # evaluation through the ONNX backend gives torch's figures
+    a = duoclass.load(image_model, device="cpu").evaluate(digits)
+    b = duoclass.load(image_model, backend="onnx").evaluate(digits)
+    assert a["accuracy"] == b["accuracy"] and a["f1_macro"] == pytest.approx(b["f1_macro"])
+
+
+@pytest.mark.parametrize("kind", [k if k in ("tfidf-mlp", "albert-scratch-tiny") else pytest.param(k, marks=SLOW)
+                                  for k in TEXT])
+def test_every_text_model_exports_and_predicts_as_torch(kind: str, text_models: dict[str, Path], toy: Path) -> None:
+    from duoclass.export import export_onnx
+
+    folder = text_models[kind]
+    r = export_onnx(folder)
+    assert r["parity"]["label_agreement"] == 1.0
+    same_predictions(folder, texts(toy))  # batches of different lengths: the sequence axis is dynamic
+
+
+def test_export_to_an_output_folder_leaves_the_source_alone(text_models: dict[str, Path], tmp_path: Path) -> None:
+    from duoclass.checkpoint import read_model_config
+    from duoclass.export import export_onnx
+
+    src = tmp_path / "src"
+    shutil.copytree(text_models["tfidf-mlp"], src)
+    before = {p.relative_to(src): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    export_onnx(src, output=tmp_path / "edge")
+    assert {p.relative_to(src): p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+    cfg = read_model_config(tmp_path / "edge")  # a complete, verified model folder
+    assert (tmp_path / "edge" / cfg["variants"]["onnx"]["path"]).is_file()
+    same_predictions(tmp_path / "edge", ["a b c", "another text"])
+
+
+def test_cli_export_then_predict_with_each_backend(image_model: Path, digits: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(image_model, folder)
+    assert cli.main(["export", str(folder), "--format", "onnx"]) == 0
+    assert "label agreement 1.0000" in capsys.readouterr().out
+    rows = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / f"{backend}.csv"
+        assert cli.main(["predict", str(folder), str(digits / "test"), "--backend", backend, "--output", str(out)]) == 0
+        rows[backend] = [line.split(",")[:2] for line in out.read_text().splitlines()]
+    assert rows["onnx"] == rows["torch"] and len(rows["torch"]) > 10
+
+
+# --- errors -------------------------------------------------------------------------------------
+def test_bad_backend_and_missing_variant_are_one_clear_error(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    duoclass.train(make_toy(tmp_path / "toy2", 40, 10), model="fasttext", epochs=1, output=str(fresh), **FAST)
+    with pytest.raises(DuoclassError, match=r"--backend tensorrt: unknown backend; choose one of: torch, onnx, onnx-int8"):
+        duoclass.load(fresh / "model", backend="tensorrt")
+    with pytest.raises(DuoclassError, match=r"no onnx-int8 variant; make it with `duoclass quantize MODEL_DIR`"):
+        duoclass.load(fresh / "model", backend="onnx-int8")
+    with pytest.raises(DuoclassError, match=r"no onnx variant; make it with `duoclass export MODEL_DIR --format onnx`"):
+        duoclass.load(fresh / "model", backend="onnx")
+    r = subprocess.run([sys.executable, "-m", "duoclass", "predict", str(fresh / "model"), "x.csv", "--backend", "onnx"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "duoclass export" in r.stderr
+
+
+def test_exporting_a_folder_with_a_missing_file_is_refused(text_models: dict[str, Path], tmp_path: Path) -> None:
+    from duoclass.export import export_onnx
+
+    folder = tmp_path / "broken"
+    shutil.copytree(text_models["tfidf-mlp"], folder)
+    (folder / "ngrams.json").unlink()
+    with pytest.raises(DuoclassError, match=r"ngrams.json: missing from the model folder"):
+        export_onnx(folder)
+
+
+def test_export_without_readable_training_data_asks_for_it(image_model: Path, tmp_path: Path, digits: Path) -> None:
+    from duoclass.checkpoint import update_model_folder
+    from duoclass.export import export_onnx
+
+    folder = tmp_path / "moved"
+    shutil.copytree(image_model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    # the folder as it arrives on another machine: the recorded data path does not exist there
+    from duoclass import checkpoint
+
+    base = {k: v for k, v in cfg.items() if k not in ("files", "config_sha256")}
+    base["training"] = {**cfg.get("training", {}), "data": str(tmp_path / "elsewhere")}
+    blobs = {rel: (folder / rel).read_bytes() for rel in cfg["files"]}
+    checkpoint._write_folder(folder, base, blobs)
+    with pytest.raises(DuoclassError, match=r"training data config.json records .* is not readable from here; pass --data DIR"):
+        export_onnx(folder)
+    assert export_onnx(folder, data=digits)["parity"]["label_agreement"] == 1.0
+    update_model_folder(folder)  # still a valid folder
+
+
+# --- int8 ---------------------------------------------------------------------------------------
+def test_the_format_follows_the_cpu() -> None:
+    from duoclass.quantize import plan
+
+    avx2 = plan("dynamic", {"machine": "x86_64", "vnni": False})
+    vnni = plan("dynamic", {"machine": "x86_64", "vnni": True})
+    arm = plan("dynamic", {"machine": "aarch64", "vnni": False})
+    static = plan("static", {"machine": "x86_64", "vnni": False})
+    assert avx2["reduce_range"] and not vnni["reduce_range"] and not arm["reduce_range"]
+    assert static["quant_format"] == "QDQ" and static["activation_type"] == static["weight_type"] == "int8"
+
+
+def test_cpu_features_read_this_machine() -> None:
+    from duoclass.onnx_backend import cpu_features
+
+    f = cpu_features()
+    if sys.platform.startswith("linux") and f["machine"] == "x86_64":
+        flags = Path("/proc/cpuinfo").read_text()
+        assert f["known"] and f["avx2"] == (" avx2" in flags) and f["avx512_vnni"] == ("avx512_vnni" in flags)
+    assert f["vnni"] == (f["avx512_vnni"] or f["avx_vnni"] or f["amx_int8"])
+
+
+def test_int8_is_written_only_when_it_passes(text_models: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever this CPU measures, the outcome agrees with the measurements: written when int8 is faster
+    and within the accuracy budget, else nothing written and the error names the failed test."""
+    from duoclass.checkpoint import read_model_config
+    from duoclass.quantize import quantize_model_folder
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # ONNX Runtime's tools must not leave files in the working folder
+
+    folder = tmp_path / "q"
+    shutil.copytree(text_models["albert-scratch-tiny"], folder)
+    before = (folder / "config.json").read_bytes()
+    try:
+        r = quantize_model_folder(folder, method="dynamic", max_accuracy_drop=0.5)
+    except DuoclassError as e:
+        assert "int8 model not written" in str(e) and ("not faster" in str(e) or "points of accuracy" in str(e))
+        assert "onnx-int8" not in read_model_config(folder).get("variants", {})
+        assert "--force" in str(e)
+    else:
+        assert r["speedup"] > 1.0 and r["accuracy_drop_points"] <= 0.5 and r["passed"] and not r["forced"]
+        assert before != (folder / "config.json").read_bytes()
+    # --force writes it, says whether it passed, and the folder runs on the int8 backend
+    r = quantize_model_folder(folder, method="dynamic", force=True)
+    assert r["forced"] == (not r["passed"])
+    for key in ("accuracy", "f1_macro", "items_per_s", "latency_ms_p50", "latency_ms_p99"):
+        assert key in r["fp32"] and key in r["int8"]
+    assert r["settings"]["reduce_range"] == (r["cpu"]["machine"] == "x86_64" and not r["cpu"]["vnni"])
+    cfg = read_model_config(folder)
+    assert cfg["variants"]["onnx-int8"]["measured"]["forced"] == r["forced"]
+    clf = duoclass.load(folder, backend="onnx-int8")
+    labels = clf.predict(["a b c", "hello world"])
+    assert all(label in clf.classes_ for label in labels)
+    assert 0.5 <= r["label_agreement"] <= 1.0
+    assert list(cwd.iterdir()) == []
+
+
+def test_quantizing_twice_is_refused(text_models: dict[str, Path], tmp_path: Path) -> None:
+    from duoclass.quantize import quantize_model_folder
+
+    folder = tmp_path / "twice"
+    shutil.copytree(text_models["tfidf-mlp"], folder)
+    quantize_model_folder(folder, force=True)
+    with pytest.raises(DuoclassError, match=r"already holds an int8 model .* Pass --force to rebuild it from the fp32"):
+        quantize_model_folder(folder)
+    # an fp32 slot that holds an int8 graph is refused too
+    cfg = json.loads((folder / "config.json").read_text())
+    from duoclass import checkpoint
+
+    blobs = {rel: (folder / rel).read_bytes() for rel in cfg["files"]}
+    blobs["variants/onnx/model.onnx"] = blobs["variants/onnx-int8/model.onnx"]
+    base = {k: v for k, v in cfg.items() if k not in ("files", "config_sha256")}
+    base["variants"] = {"onnx": cfg["variants"]["onnx"]}
+    del blobs["variants/onnx-int8/model.onnx"], blobs["variants/onnx-int8/report.json"]
+    checkpoint._write_folder(folder, base, blobs)
+    with pytest.raises(DuoclassError, match=r"this ONNX model is already quantized"):
+        quantize_model_folder(folder)
+
+
+def test_quantize_settings_errors(text_models: dict[str, Path]) -> None:
+    from duoclass.quantize import quantize_model_folder
+
+    with pytest.raises(DuoclassError, match=r"--method fp8: unknown; choose one of: dynamic, static"):
+        quantize_model_folder(text_models["tfidf-mlp"], method="fp8")
+    with pytest.raises(DuoclassError, match=r"--max-accuracy-drop -1"):
+        quantize_model_folder(text_models["tfidf-mlp"], max_accuracy_drop=-1)
+
+
+def test_static_int8_on_an_image_model(image_model: Path, tmp_path: Path) -> None:
+    from duoclass.quantize import quantize_model_folder
+
+    folder = tmp_path / "static"
+    shutil.copytree(image_model, folder)
+    r = quantize_model_folder(folder, force=True, calibration=64)
+    assert r["settings"]["method"] == "static" and r["settings"]["quant_format"] == "QDQ"
+    assert r["int8_bytes"] < r["fp32_bytes"]
+    assert r["examples"] > 0 and 0 <= r["int8"]["accuracy"] <= 1
+
+
+# --- a machine without torch ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def torch_free_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtual environment with only onnxruntime, numpy, Pillow and tokenizers, and duoclass's source."""
+    root = tmp_path_factory.mktemp("torch-free") / "venv"
+    venv.EnvBuilder(with_pip=True).create(root)
+    py = root / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "onnxruntime", "numpy", "Pillow", "tokenizers"],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.skip(f"cannot install onnxruntime, numpy, Pillow and tokenizers from the package index: {r.stderr[-300:]}")
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "duoclass-source.pth").write_text(str(ROOT / "src") + "\n")  # duoclass without its training extras
+    return py
+
+
+SCRIPT = """
+import json, sys
+for name in ("torch", "transformers", "onnx"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        sys.exit(f"{name} is installed here; this environment should not have it")
+import duoclass
+folder, backend, inputs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+res = duoclass.load(folder, backend=backend).predict_results(inputs)
+print(json.dumps([[r.label, None if r.probs is None else r.probs.tolist(), r.error] for r in res]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["image", "albert-scratch-tiny", pytest.param("tfidf-mlp", marks=SLOW)])
+def test_the_exported_folder_runs_without_torch(kind: str, torch_free_python: Path, image_model: Path,
+                                                text_models: dict[str, Path], digits: Path, toy: Path) -> None:
+    from duoclass.export import export_onnx
+
+    folder = image_model if kind == "image" else text_models[kind]
+    from duoclass.checkpoint import read_model_config
+
+    if "onnx" not in read_model_config(folder).get("variants", {}):
+        export_onnx(folder)
+    inputs = (sorted(str(f) for f in (digits / "test").rglob("*.png"))[:20] if kind == "image" else texts(toy))
+    r = subprocess.run([str(torch_free_python), "-c", SCRIPT, str(folder), "onnx", json.dumps(inputs)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    ref = duoclass.load(folder, device="cpu").predict_results(inputs)
+    assert [g[0] for g in got] == [x.label for x in ref]
+    assert [g[2] for g in got] == [x.error for x in ref]
+    for g, x in zip(got, ref):
+        if x.ok:
+            np.testing.assert_allclose(g[1], x.probs, atol=1e-4)
