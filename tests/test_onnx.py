@@ -238,7 +238,7 @@ def test_int8_is_written_only_when_it_passes(text_models: dict[str, Path], tmp_p
         assert "onnx-int8" not in read_model_config(folder).get("variants", {})
         assert "--force" in str(e)
     else:
-        assert r["speedup"] > 1.0 and r["accuracy_drop_points"] <= 0.5 and r["passed"] and not r["forced"]
+        assert r["speedup"] >= 1.05 and r["accuracy_drop_points"] <= 0.5 and r["passed"] and not r["forced"]
         assert before != (folder / "config.json").read_bytes()
     # --force writes it, says whether it passed, and the folder runs on the int8 backend
     r = quantize_model_folder(folder, method="dynamic", force=True)

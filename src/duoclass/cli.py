@@ -8,6 +8,7 @@
     duoclass export runs/x/model --format onnx           # then: duoclass predict runs/x/model INPUT --backend onnx
     duoclass quantize runs/x/model                         # int8, kept only if faster and no worse: --backend onnx-int8
     duoclass prune runs/x/model --amount 0.3 --finetune 3
+    duoclass serve runs/x/model [NAME=DIR ...] --port 8000 [--backend onnx]
     duoclass clean DATA --quarantine quarantine/ --report clean_report
     duoclass tune DATA --trials 20 --epochs 5 --study-dir runs/tune   # then: duoclass train --config runs/tune/best.yaml
     duoclass pretrain corpus.txt --output runs/mlm        # then: duoclass train DATA --model runs/mlm
@@ -460,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--device", default="auto")
     pn.add_argument("--json", action="store_true", help="print the report as JSON")
     pn.set_defaults(func=cmd_prune)
+
+    from .serve import add_arguments as add_serve_flags, cmd_serve
+
+    sv = sub.add_parser("serve", help="serve model folders over HTTP: JSON API, web page, micro-batching",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_serve_flags(sv)
+    sv.set_defaults(func=cmd_serve)
 
     pt = sub.add_parser("pretrain", help="masked-language-model pretraining on unlabelled text (writes an HF folder)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,0 +1,151 @@
+// The duoclass web page: pick a model, send an image or a text, show the top-k labels and the model card.
+// Plain DOM code, no framework and nothing from another host. Every value from the server is written with
+// textContent (never innerHTML), so class names or errors cannot inject markup.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let models = [];
+let current = null;
+
+function el(tag, props = {}, children = []) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "text") e.textContent = v;
+    else if (k === "style") Object.assign(e.style, v);
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) e.appendChild(c);
+  return e;
+}
+
+async function api(path, options = {}) {
+  const r = await fetch(path, { credentials: "same-origin", ...options });
+  let body = null;
+  try { body = await r.json(); } catch (_) { body = null; }
+  if (!r.ok) {
+    const msg = body && body.error ? body.error : `HTTP ${r.status}`;
+    throw new Error(msg);
+  }
+  return body;
+}
+
+function setStatus(text, isError = false) {
+  const s = $("status");
+  s.textContent = text;
+  s.className = isError ? "error" : "";
+}
+
+function topK() {
+  const k = parseInt($("top-k").value, 10);
+  return Number.isFinite(k) && k > 0 ? k : 5;
+}
+
+function showResults(resp, clientMs) {
+  const list = $("results");
+  list.replaceChildren();
+  const p = resp.predictions[0];
+  for (const { label, score } of p.top_k) {
+    const pct = (score * 100).toFixed(1);
+    list.appendChild(el("li", { class: "result" }, [
+      el("span", { class: "result-label", text: label }),
+      el("span", { class: "bar" }, [el("span", { class: "fill", style: { width: `${Math.max(score * 100, 0.5)}%` } })]),
+      el("span", { class: "result-score", "data-score": String(score), text: `${pct}%` }),
+    ]));
+  }
+  $("latency").textContent = `latency ${clientMs.toFixed(0)} ms (server ${resp.latency_ms.toFixed(1)} ms)`;
+  setStatus(p.warning ? `warning: ${p.warning}` : "");
+}
+
+async function predict(options) {
+  if (!current) return;
+  setStatus("predicting...");
+  $("results").replaceChildren();
+  $("latency").textContent = "";
+  const t0 = performance.now();
+  try {
+    const resp = await api(`/v1/models/${encodeURIComponent(current.name)}/predict`, { method: "POST", ...options });
+    showResults(resp, performance.now() - t0);
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+function predictImage(file) {
+  if (!file) return;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  const form = new FormData();
+  form.append("file", file, file.name || "image");
+  form.append("top_k", String(topK()));
+  predict({ body: form });
+}
+
+function predictText() {
+  const text = $("text").value;
+  predict({ headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text, top_k: topK() }) });
+}
+
+function showCard(m) {
+  $("card-name").textContent = m.name;
+  $("card-model").textContent = `${m.model} · ${m.task} · ${m.classes.length} classes · backend ${m.backend}`;
+  $("card-classes").replaceChildren(...m.classes.map((c) => el("li", { class: "class", text: c })));
+  const tbody = $("card-metrics").querySelector("tbody");
+  tbody.replaceChildren();
+  const test = (m.metrics && (m.metrics.test || m.metrics.valid)) || {};
+  const keys = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "n"];
+  for (const k of keys) {
+    if (!(k in test)) continue;
+    const v = test[k];
+    tbody.appendChild(el("tr", {}, [el("th", { text: k }), el("td", { text: k === "n" ? String(v) : v.toFixed(4) })]));
+  }
+  if (!tbody.children.length) tbody.appendChild(el("tr", {}, [el("td", { text: "no metrics.json in the model folder" })]));
+  for (const [plot, id] of [["confusion_matrix", "card-confusion"], ["curves", "card-curves"]]) {
+    const fig = $(id);
+    const url = m.plots && m.plots[plot];
+    fig.hidden = !url;
+    fig.querySelector("img").src = url || "";
+  }
+}
+
+function selectModel(name) {
+  current = models.find((m) => m.name === name) || null;
+  if (!current) return;
+  $("image-input").hidden = current.task !== "image";
+  $("text-input").hidden = current.task !== "text";
+  $("results").replaceChildren();
+  $("latency").textContent = "";
+  setStatus("");
+  showCard(current);
+}
+
+async function init() {
+  try {
+    models = (await api("/v1/models")).models;
+  } catch (e) {
+    setStatus(`cannot list the models: ${e.message}`, true);
+    return;
+  }
+  const select = $("model-select");
+  select.replaceChildren(...models.map((m) => el("option", { value: m.name, text: `${m.name} (${m.task})` })));
+  select.addEventListener("change", () => selectModel(select.value));
+  if (models.length) selectModel(models[0].name);
+
+  const zone = $("drop-zone");
+  const input = $("file-input");
+  zone.addEventListener("click", () => input.click());
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") input.click(); });
+  input.addEventListener("change", () => predictImage(input.files[0]));
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer.files.length) predictImage(e.dataTransfer.files[0]);
+  });
+  $("predict-text").addEventListener("click", predictText);
+  $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) predictText(); });
+}
+
+document.addEventListener("DOMContentLoaded", init);
