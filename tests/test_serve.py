@@ -660,3 +660,21 @@ def test_load_test_sees_no_5xx(image_clf: duoclass.Classifier, text_clf: duoclas
     assert result["zero_5xx"] and result["unexpected_statuses"] == 0
     assert set(result["arms"]) == {"text-batched", "text-unbatched", "image-batched", "image-unbatched"}
     assert result["soak"]["rss_mb"]["after_1000"] is not None
+
+
+def test_onnx_backend_serves_the_same_answers(text_clf: duoclass.Classifier, tmp_path: Path) -> None:
+    """--backend onnx serves the folder's ONNX variant, with the torch backend's labels and scores."""
+    import shutil
+
+    from duoclass.export import export_onnx
+
+    folder = tmp_path / "model"
+    shutil.copytree(text_clf.folder, folder)
+    export_onnx(folder)
+    expected = text_clf.predict_results(TEXTS, top_k=2)
+    with Server([f"{TEXT}={folder}"], backend="onnx") as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        assert type(s.worker(TEXT).clf.backend).__name__ == "OnnxBackend"
+        r = c.post(predict_url(TEXT), json={"texts": TEXTS, "top_k": 2})
+        assert r.status_code == 200, r.text
+        for got, exp in zip(r.json()["predictions"], expected):
+            assert_same(got, exp, 2)
