@@ -16,7 +16,7 @@ test split (240 images).
   torch       torch eager fp32 at batch 32 (the baseline of the image target), through duoclass predict
   onnx        ONNX Runtime fp32
   onnx-int8   static int8 (QDQ, calibrated on training images), if it passed its own check
-  pruned      `duoclass prune --amount 0.3 --finetune E` of the same model, torch eager
+  pruned      `duoclass prune --amount 0.3 --finetune E` of the same model, torch eager and ONNX Runtime
 
 Every arm runs in its own process (so peak memory is its own: ru_maxrss), one after another. Each
 reports accuracy on the whole test split, throughput (items/s, median of --repeats passes over the
@@ -279,6 +279,9 @@ def image_part(a: argparse.Namespace) -> dict[str, Any]:
         if b in ("torch", "onnx") or b in variants(model):
             arms[b] = run_arm(f"{b}|{model}|{FLOWERS}", a)
     arms["pruned-torch"] = run_arm(f"torch|{pruned / 'model'}|{FLOWERS}", a)
+    if "onnx" not in variants(pruned / "model"):
+        duoclass_cli(["export", pruned / "model", "--format", "onnx"], work / "export-pruned.log")
+    arms["pruned-onnx"] = run_arm(f"onnx|{pruned / 'model'}|{FLOWERS}", a)
     for v in arms.values():
         v["throughput_x_torch"] = v["items_per_s"] / arms["torch"]["items_per_s"]
         v["accuracy_points_vs_torch"] = (v["accuracy"] - arms["torch"]["accuracy"]) * 100

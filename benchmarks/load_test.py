@@ -252,6 +252,7 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=120, help="time limit of each phase")
     p.add_argument("--batch-size", type=int, default=32, help="--max-batch-size of the batched arms")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="torch", help="the servers' --backend: torch, onnx or onnx-int8")
     p.add_argument("--work", default=str(RUNS / "load_test"), help="models and server logs")
     p.add_argument("--out", default=str(RUNS / "load_test.json"))
     a = p.parse_args()
@@ -268,8 +269,9 @@ def main() -> int:
     names = {"image": "img", "text": "txt"}
     models = {names["image"]: image_dir, names["text"]: text_dir}
     queue = str(max(1024, a.clients * 8))
-    arms = {"batched": ["--max-batch-size", str(a.batch_size), "--max-wait-ms", "5", "--max-queue", queue],
-            "unbatched": ["--max-batch-size", "1", "--max-queue", queue]}
+    arms = {"batched": ["--max-batch-size", str(a.batch_size), "--max-wait-ms", "5", "--max-queue", queue,
+                        "--backend", a.backend],
+            "unbatched": ["--max-batch-size", "1", "--max-queue", queue, "--backend", a.backend]}
     result: dict[str, Any] = {"benchmark": "load_test", "args": vars(a), "python": sys.version.split()[0],
                               "cpu_count": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "arms": {}}

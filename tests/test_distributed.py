@@ -31,6 +31,7 @@ def test_two_processes_match_one(digits: Path, tmp_path: Path) -> None:
     assert abs(a1 - a2) < 0.05, (a1, a2)
 
 
+@pytest.mark.slow  # long: runs with `make test-slow`
 def test_text_two_processes_with_length_buckets(tmp_path: Path) -> None:
     from .test_text import make_toy
 
@@ -44,8 +45,9 @@ def test_text_two_processes_with_length_buckets(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["accuracy"] >= 0.8  # chance is 0.5
 
 
-# albert-scratch-small is albert-scratch-tiny with more layers: the same code, twice the time
-TEXT_MODELS = [pytest.param(s.name, marks=pytest.mark.slow) if s.name == "albert-scratch-small" else s.name
+# albert-scratch-small is albert-scratch-tiny with more layers: the same code, twice the time; the n-gram
+# models (fasttext, tfidf-mlp) take the same data path as each other: all three run with `make test-slow`
+TEXT_MODELS = [s.name if s.name == "albert-scratch-tiny" else pytest.param(s.name, marks=pytest.mark.slow)
                for s in available("text")]
 
 

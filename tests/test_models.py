@@ -228,6 +228,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://hub.duoclass-offline.in
 
 @pytest.mark.parametrize("env", [OFFLINE, {"HF_ENDPOINT": OFFLINE["HF_ENDPOINT"], "HF_HUB_OFFLINE": "0"}],
                          ids=["HF_HUB_OFFLINE", "unresolvable-host"])
+@pytest.mark.slow  # two offline settings, ~6 s each: run with `make test-slow`; the local-cache case runs by default
 def test_timm_hub_weights_offline_fail_at_once(tmp_path, env: dict) -> None:
     from .test_errors import make_dataset
 

@@ -248,6 +248,7 @@ def test_plot_draws_every_attack(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # Square's 5000 queries take ~40 s on 2 cores: runs with `make test-slow`
 def test_autoattack_on_a_two_class_model() -> None:
     """Binary models (chest X-rays) get AutoAttack without APGD-T, whose targeted DLR loss needs 4 classes;
     it still finds no more robust accuracy than PGD, and the record says which attacks ran."""
@@ -266,3 +267,11 @@ def test_autoattack_on_a_two_class_model() -> None:
     assert aa["components"] == ["apgd-ce", "fab", "square"]
     assert aa["clean_accuracy"] == pgd["clean_accuracy"] > 0
     assert aa["results"][0]["accuracy"] <= pgd["results"][0]["accuracy"] <= aa["clean_accuracy"]
+
+
+def test_autoattack_components_follow_the_class_count() -> None:
+    from duoclass.robust_eval import attack_settings
+
+    assert attack_settings("autoattack", None, 2)["components"] == ["apgd-ce", "fab", "square"]
+    assert attack_settings("autoattack", None, 3)["components"] == ["apgd-ce", "fab", "square"]
+    assert attack_settings("autoattack", None, 10)["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]

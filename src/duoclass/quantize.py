@@ -61,7 +61,7 @@ def plan(method: str, cpu: dict[str, Any]) -> dict[str, Any]:
     why = ("x86-64 without VNNI: 7-bit weights (reduce_range) so u8 x s8 sums cannot saturate" if reduce
            else "VNNI/AMX (or not x86): full 8-bit weights")
     return {"method": "dynamic", "quant_format": "QOperator", "activation_type": "uint8 (dynamic)", "weight_type": "int8",
-            "per_channel": False, "reduce_range": reduce, "why": why}
+            "per_channel": True, "reduce_range": reduce, "why": why}
 
 
 def is_quantized(path: Path) -> bool:
