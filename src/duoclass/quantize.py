@@ -71,19 +71,6 @@ def is_quantized(path: Path) -> bool:
     return any(n.op_type in QUANTIZED_OPS for n in m.graph.node)
 
 
-class _Calibration:
-    """ONNX Runtime's CalibrationDataReader over collated batches of training inputs."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]], names: list[str]):
-        self._it = iter([{k: b[k] for k in names} for b in batches])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:  # pragma: no cover - some ONNX Runtime versions call it
-        pass
-
-
 def quantize_file(src: Path, dst: Path, settings: dict[str, Any], calibration: list[dict[str, np.ndarray]] | None) -> None:
     """Quantize the ONNX file `src` into `dst` with `plan()`'s settings."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -106,11 +93,13 @@ def quantize_file(src: Path, dst: Path, settings: dict[str, Any], calibration: l
         names = [i.name for i in ort.InferenceSession(str(pre), providers=["CPUExecutionProvider"]).get_inputs()]
 
         class Reader(CalibrationDataReader):
+            """The calibration batches, fed with the graph's own input names."""
+
             def __init__(self) -> None:
-                self.inner = _Calibration(calibration or [], names)
+                self.batches = iter([{k: b[k] for k in names} for b in calibration or []])
 
             def get_next(self) -> dict[str, np.ndarray] | None:
-                return self.inner.get_next()
+                return next(self.batches, None)
 
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=False)
