@@ -206,12 +206,25 @@ def cmd_certify(ns: argparse.Namespace) -> int:
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
-    from . import api
-    from .predict import predict_to_csv
+    if ns.engine == "ray":
+        from .classifier import BACKENDS
+        from .ray_predict import predict_to_csv_ray
 
-    clf = api.load(ns.model_dir, device=ns.device, backend=ns.backend)
-    n, failed = predict_to_csv(clf, ns.input, ns.output, top_k=ns.top_k, batch_size=ns.batch_size, text_column=ns.text_column,
-                               labels_only=ns.labels_only)
+        if ns.backend not in BACKENDS:
+            raise DuoclassError(f"--backend {ns.backend}: unknown backend; choose one of: {', '.join(BACKENDS)}")
+        n, failed = predict_to_csv_ray(ns.model_dir, ns.input, ns.output, workers=2 if ns.workers is None else ns.workers, top_k=ns.top_k,
+                                       batch_size=ns.batch_size, text_column=ns.text_column, labels_only=ns.labels_only,
+                                       backend=ns.backend, device="cpu" if ns.device == "auto" else ns.device,
+                                       address=ns.ray_address)
+    else:
+        from . import api
+        from .predict import predict_to_csv
+
+        if ns.workers is not None or ns.ray_address:
+            raise DuoclassError("--workers and --ray-address are for --engine ray; add --engine ray or leave them out")
+        clf = api.load(ns.model_dir, device=ns.device, backend=ns.backend)
+        n, failed = predict_to_csv(clf, ns.input, ns.output, top_k=ns.top_k, batch_size=ns.batch_size,
+                                   text_column=ns.text_column, labels_only=ns.labels_only)
     if ns.output:
         print(f"wrote {n} predictions to {ns.output}" + (f" ({failed} inputs could not be read: see the error column)" if failed else ""))
     return 0
@@ -421,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--backend", default="torch", metavar="NAME",
                     help="what runs the model: torch, onnx or onnx-int8 (after `duoclass export` / `duoclass quantize`; "
                          "these need only onnxruntime, not torch)")
+    pr.add_argument("--engine", default="local", choices=["local", "ray"],
+                    help="local: this process; ray: Ray workers that each load the model once (the same CSV)")
+    pr.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="--engine ray: the number of workers, one CPU each (default 2)")
+    pr.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="--engine ray: a running Ray cluster (e.g. ray://head:10001 or auto; default: RAY_ADDRESS, "
+                         "else a new local instance)")
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser("export", help="write the model as ONNX (checked against torch) or as a transformers folder",

@@ -106,7 +106,7 @@ def predict_items(pre: Any, backend: Any, classes: Sequence[str], inputs: Sequen
 
     if pre.task == "text":  # token ids are small: encode everything, then batch by length
         encoded = {i: e for i in range(len(inputs)) if (e := encode(i)) is not None}
-        order = sorted(encoded, key=lambda i: len(encoded[i]))
+        order = length_order(encoded)
         for j in range(0, len(order), batch_size):
             idx = order[j : j + batch_size]
             run(idx, [encoded[i] for i in idx])
@@ -116,6 +116,11 @@ def predict_items(pre: Any, backend: Any, classes: Sequence[str], inputs: Sequen
             if pairs:
                 run([i for i, _ in pairs], [e for _, e in pairs])
     return results
+
+
+def length_order(encoded: Mapping[int, Any]) -> list[int]:
+    """The order text inputs are batched in: by encoded length, ties in input order."""
+    return sorted(encoded, key=lambda i: len(encoded[i]))
 
 
 def probabilities(results: Sequence[Prediction], n_classes: int) -> np.ndarray:
@@ -185,6 +190,18 @@ def list_image_inputs(path: str | Path) -> list[str]:
     return [str(p)]
 
 
+def csv_inputs(task: str, input_path: str | Path, text_column: str) -> tuple[list[str], list[Any], str]:
+    """What `duoclass predict` reads: (row keys, inputs, key column name). Text: the input's id column (or the
+    0-based row number) and its texts; images: the display path of every image of a file, folder, zip or CSV."""
+    if task == "text":
+        from .data.text_files import read_predict_inputs
+
+        keys, inputs = read_predict_inputs(input_path, text_column)
+        return list(keys), list(inputs), "id"
+    refs = list_image_inputs(input_path)
+    return [display(r) for r in refs], refs, "path"
+
+
 def predict_to_csv(clf: Any, input_path: str | Path, output: str | Path | None, top_k: int = 1, batch_size: int = 64,
                    text_column: str | None = None, labels_only: bool = False) -> tuple[int, int]:
     """Predict every input, in input order, into a CSV. Returns (rows, failed).
@@ -194,19 +211,20 @@ def predict_to_csv(clf: Any, input_path: str | Path, output: str | Path | None, 
     with the reason in `error`; `warning` marks a guess (an empty text, a text with no known token).
     `labels_only` writes just the first two columns (e.g. id,label for a competition submission).
     Raises DuoclassError (after writing the CSV) when not a single input could be used.
+    `duoclass predict --engine ray` (ray_predict.py) writes the same file from Ray workers.
     """
+    k = max(1, min(top_k, len(clf.classes_)))
+    column = (text_column or clf.preprocessor.text_column) if clf.task == "text" else ""
+    keys, inputs, key = csv_inputs(clf.task, input_path, column)
+    results = predict_items(clf.preprocessor, clf.backend, clf.classes_, inputs, batch_size, k, clf.tta, names=keys)
+    return write_predictions_csv(results, key, k, labels_only, output, input_path)
+
+
+def write_predictions_csv(results: Sequence[Prediction], key: str, k: int, labels_only: bool,
+                          output: str | Path | None, input_path: str | Path) -> tuple[int, int]:
+    """The CSV of `duoclass predict` (see predict_to_csv), written atomically to `output` or to stdout."""
     from .checkpoint import atomic_write_text
 
-    k = max(1, min(top_k, len(clf.classes_)))
-    if clf.task == "text":
-        from .data.text_files import read_predict_inputs
-
-        keys, inputs = read_predict_inputs(input_path, text_column or clf.preprocessor.text_column)
-        key = "id"
-    else:
-        inputs = list_image_inputs(input_path)
-        keys, key = [display(r) for r in inputs], "path"
-    results = predict_items(clf.preprocessor, clf.backend, clf.classes_, inputs, batch_size, k, clf.tta, names=keys)
     header = [key, "label"] if labels_only else [key, "label", "probability"] + (["top_k"] if k > 1 else []) + ["error", "warning"]
     buf = io.StringIO()
     w = csv.writer(buf)
