@@ -78,6 +78,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--parts", nargs="+", default=["adversarial"], choices=["adversarial", "certify"])
+    p.add_argument("--arms", nargs="+", default=["standard", "adversarial"], choices=["standard", "adversarial"],
+                   help="the arms to run (two processes can share --runs, one arm each; a last run with both "
+                        "arms reuses every trained run and cached evaluation and writes the whole JSON)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench" / "robust"))
     p.add_argument("--reuse-standard", default=None, help="folder of earlier standard runs (pneumoniamnist-seedN)")
     p.add_argument("--adv-flags", default="--adversarial fgsm --eps 4/255",
@@ -99,6 +102,8 @@ def main() -> None:
     if "adversarial" in a.parts:
         arms = {"standard": [], "adversarial": a.adv_flags.split()}
         for arm, flags in arms.items():
+            if arm not in a.arms:
+                continue
             rows = []
             for seed in a.seeds:
                 if arm == "standard" and a.reuse_standard:

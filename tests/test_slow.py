@@ -37,6 +37,7 @@ def test_msresnet_tiny_on_chest_xrays(tmp_path: Path) -> None:
     assert test["balanced_accuracy"] > 0.75, test["balanced_accuracy"]  # both classes, not just the larger one
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["split"] == "test" and Path(out["model_dir"]) == run / "model"
+    same_csv_on_ray(run / "model", data / "test", tmp_path, rows=624)
 
 
 def test_tfidf_mlp_on_question_types(tmp_path: Path) -> None:
@@ -53,3 +54,16 @@ def test_tfidf_mlp_on_question_types(tmp_path: Path) -> None:
     ev = run_cli("evaluate", str(run / "model"), str(data), "--split", "test", "--json", "--device", "cpu")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(test["accuracy"], abs=1e-9)
+    same_csv_on_ray(run / "model", data / "test.csv", tmp_path, rows=500)
+
+
+def same_csv_on_ray(model: Path, inputs: Path, tmp_path: Path, rows: int) -> None:
+    """`predict --engine ray --workers 2` on a real test split writes local predict's CSV, byte for byte."""
+    pytest.importorskip("ray")
+    for name, extra in (("local", []), ("ray", ["--engine", "ray", "--workers", "2"])):
+        r = run_cli("predict", str(model), str(inputs), "--top-k", "2", "--output", str(tmp_path / f"{name}.csv"),
+                    "--device", "cpu", *extra, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    local = (tmp_path / "local.csv").read_bytes()
+    assert (tmp_path / "ray.csv").read_bytes() == local
+    assert len(local.decode().splitlines()) == rows + 1

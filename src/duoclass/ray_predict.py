@@ -126,7 +126,7 @@ def predict_dataset(ds: Any, model_dir: str | Path, *, column: str | None = None
     ray = _ray()
     return ds.map_batches(Predictor, batch_size=batch_size, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
-                          num_gpus=num_gpus or None, max_restarts=0,
+                          num_gpus=num_gpus or None,
                           fn_constructor_kwargs=dict(model_dir=str(folder), column=column, backend=backend, top_k=top_k,
                                                      batch_size=batch_size, threads=threads, device=device, cwd=cwd))
 
