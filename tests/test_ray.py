@@ -23,8 +23,7 @@ from duoclass.predict import predict_to_csv  # noqa: E402
 from duoclass.ray_predict import predict_dataset, predict_to_csv_ray  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
-from .test_robust_eval import FAST, trained  # noqa: E402
-from .test_text import make_toy  # noqa: E402
+from .test_robust_eval import FAST, digits_model, text_model, toy_text  # noqa: E402,F401  (shared fixtures)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -45,25 +44,9 @@ def local_ray() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def image_clf(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> duoclass.Classifier:
-    return trained(tmp_path_factory, "digits-msresnet-tiny", digits, model="msresnet-tiny", image_size=16, epochs=2,
-                   augment="none")
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_toy(tmp_path_factory.getbasetemp() / "robust-models" / "toy-text", 60, 20)
-
-
-@pytest.fixture(scope="module")
-def text_clf(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> duoclass.Classifier:
-    return trained(tmp_path_factory, "toy-tfidf-mlp", toy, model="tfidf-mlp", epochs=1, batch_size=16)
-
-
-@pytest.fixture(scope="module")
-def albert_clf(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> duoclass.Classifier:
+def albert_clf(toy_text: Path, tmp_path_factory: pytest.TempPathFactory) -> duoclass.Classifier:
     out = tmp_path_factory.mktemp("ray-albert")
-    return duoclass.train(toy, model="albert-scratch-tiny", epochs=1, output=str(out), **FAST)
+    return duoclass.train(toy_text, model="albert-scratch-tiny", epochs=1, output=str(out), **FAST)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +82,7 @@ def both(clf: duoclass.Classifier, inputs: Path, tmp: Path, **kw: Any) -> tuple[
     return local.read_text(encoding="utf-8"), on_ray.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("model", ["text_clf", "albert_clf"])
+@pytest.mark.parametrize("model", ["text_model", "albert_clf"])
 def test_ray_text_csv_equals_local(local_ray: Any, model: str, request: pytest.FixtureRequest, texts_csv: Path,
                                    tmp_path: Path) -> None:
     clf = request.getfixturevalue(model)
@@ -111,10 +94,10 @@ def test_ray_text_csv_equals_local(local_ray: Any, model: str, request: pytest.F
     assert all(r["label"] in clf.classes_ for r in rows)
 
 
-def test_ray_image_csv_equals_local_with_relative_paths(local_ray: Any, image_clf: duoclass.Classifier, images: Path,
+def test_ray_image_csv_equals_local_with_relative_paths(local_ray: Any, digits_model: duoclass.Classifier, images: Path,
                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(images.parent)  # relative refs: the workers must read them from the caller's folder
-    local, on_ray = both(image_clf, Path("inbox"), tmp_path, top_k=3, batch_size=7)
+    local, on_ray = both(digits_model, Path("inbox"), tmp_path, top_k=3, batch_size=7)
     assert on_ray == local
     rows = list(csv.DictReader(local.splitlines()))
     assert len(rows) == 32 and rows[0]["path"].startswith("inbox")
@@ -123,17 +106,17 @@ def test_ray_image_csv_equals_local_with_relative_paths(local_ray: Any, image_cl
     assert sum(bool(r["label"]) for r in rows) == 30
 
 
-def test_labels_only_csv_equals_local(local_ray: Any, text_clf: duoclass.Classifier, texts_csv: Path,
+def test_labels_only_csv_equals_local(local_ray: Any, text_model: duoclass.Classifier, texts_csv: Path,
                                       tmp_path: Path) -> None:
-    local, on_ray = both(text_clf, texts_csv, tmp_path, labels_only=True)
+    local, on_ray = both(text_model, texts_csv, tmp_path, labels_only=True)
     assert on_ray == local and local.splitlines()[0] == "id,label"
 
 
-def test_predict_dataset_on_a_users_dataset(local_ray: Any, text_clf: duoclass.Classifier,
-                                            image_clf: duoclass.Classifier, images: Path) -> None:
+def test_predict_dataset_on_a_users_dataset(local_ray: Any, text_model: duoclass.Classifier,
+                                            digits_model: duoclass.Classifier, images: Path) -> None:
     ds = ray.data.from_items([{"id": i, "text": t, "lang": "en"} for i, t in enumerate(TEXTS * 3)])
-    df = predict_dataset(ds, text_clf.folder, workers=2, batch_size=5, top_k=2).to_pandas().sort_values("id")
-    expect = text_clf.predict_results(TEXTS * 3, top_k=2)
+    df = predict_dataset(ds, text_model.folder, workers=2, batch_size=5, top_k=2).to_pandas().sort_values("id")
+    expect = text_model.predict_results(TEXTS * 3, top_k=2)
     assert list(df["label"]) == [r.label for r in expect]
     assert list(df["score"]) == pytest.approx([r.score for r in expect], abs=1e-6)
     assert list(df["lang"]) == ["en"] * len(expect)  # the user's columns are kept
@@ -141,9 +124,9 @@ def test_predict_dataset_on_a_users_dataset(local_ray: Any, text_clf: duoclass.C
     # images as bytes, the way ray.data.read_binary_files gives them
     files = sorted(p for p in images.rglob("*.png"))
     ds = ray.data.from_items([{"path": str(p), "bytes": p.read_bytes()} for p in files])
-    df = predict_dataset(ds, image_clf.folder, column="bytes", workers=2, batch_size=8).to_pandas()
+    df = predict_dataset(ds, digits_model.folder, column="bytes", workers=2, batch_size=8).to_pandas()
     by_path = dict(zip(df["path"], zip(df["label"], df["error"])))
-    expect = image_clf.predict_results([str(p) for p in files])
+    expect = digits_model.predict_results([str(p) for p in files])
     for p, r in zip(files, expect):
         label, error = by_path[str(p)]
         if r.ok:
@@ -152,26 +135,26 @@ def test_predict_dataset_on_a_users_dataset(local_ray: Any, text_clf: duoclass.C
             assert label == "" and error  # its own error, not its batch's
 
 
-def test_ray_errors(local_ray: Any, text_clf: duoclass.Classifier, texts_csv: Path, tmp_path: Path) -> None:
+def test_ray_errors(local_ray: Any, text_model: duoclass.Classifier, texts_csv: Path, tmp_path: Path) -> None:
     ds = ray.data.from_items([{"sentence": "good"}])
     with pytest.raises(DuoclassError, match="no 'text' column.*sentence.*column=NAME"):
-        predict_dataset(ds, text_clf.folder)
+        predict_dataset(ds, text_model.folder)
     with pytest.raises(DuoclassError, match="already has column.*label"):
-        predict_dataset(ray.data.from_items([{"text": "good", "label": "x"}]), text_clf.folder)
+        predict_dataset(ray.data.from_items([{"text": "good", "label": "x"}]), text_model.folder)
     with pytest.raises(DuoclassError, match="--workers 0: need at least 1"):
-        predict_to_csv_ray(text_clf.folder, texts_csv, tmp_path / "x.csv", workers=0)
+        predict_to_csv_ray(text_model.folder, texts_csv, tmp_path / "x.csv", workers=0)
     with pytest.raises(DuoclassError, match="config.json"):
         predict_to_csv_ray(tmp_path, texts_csv, tmp_path / "x.csv")
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_cli_engine_ray_starts_its_own_ray(text_clf: duoclass.Classifier, texts_csv: Path, tmp_path: Path) -> None:
+def test_cli_engine_ray_starts_its_own_ray(text_model: duoclass.Classifier, texts_csv: Path, tmp_path: Path) -> None:
     """The command line, in a fresh process that starts (and stops) a local Ray instance of its own."""
-    r = run_cli("predict", str(text_clf.folder), str(texts_csv), "--engine", "ray", "--workers", "2",
+    r = run_cli("predict", str(text_model.folder), str(texts_csv), "--engine", "ray", "--workers", "2",
                 "--top-k", "2", "--output", str(tmp_path / "ray.csv"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "wrote 40 predictions" in r.stdout
-    predict_to_csv(text_clf, texts_csv, tmp_path / "local.csv", top_k=2)
+    predict_to_csv(text_model, texts_csv, tmp_path / "local.csv", top_k=2)
     assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
-    r = run_cli("predict", str(text_clf.folder), str(texts_csv), "--workers", "2")
+    r = run_cli("predict", str(text_model.folder), str(texts_csv), "--workers", "2")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --workers and --ray-address")
