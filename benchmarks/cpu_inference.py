@@ -245,6 +245,8 @@ def text_part(a: argparse.Namespace) -> dict[str, Any]:
     hf = run / "transformers"
     if not (hf / "config.json").is_file():
         duoclass_cli(["export", model, "--format", "transformers", "--output", hf], work / "export-hf.log")
+    if a.prepare_only:
+        return {"prepared": str(model), **note}
     arms = {"founding": run_arm(f"founding|{hf}|{data}", a)}
     for b in ("torch", "onnx", "onnx-int8"):
         if b in ("torch", "onnx") or b in variants(model):
@@ -274,13 +276,15 @@ def image_part(a: argparse.Namespace) -> dict[str, Any]:
     pruned = work / f"pruned30-e{a.prune_epochs}"
     if not (pruned / "model" / "config.json").is_file():
         duoclass_cli(["prune", model, "--amount", "0.3", "--finetune", a.prune_epochs, "--output", pruned], work / "prune.log")
+    if "onnx" not in variants(pruned / "model"):
+        duoclass_cli(["export", pruned / "model", "--format", "onnx"], work / "export-pruned.log")
+    if a.prepare_only:
+        return {"prepared": str(model), **note}
     arms = {}
     for b in ("torch", "onnx", "onnx-int8"):
         if b in ("torch", "onnx") or b in variants(model):
             arms[b] = run_arm(f"{b}|{model}|{FLOWERS}", a)
     arms["pruned-torch"] = run_arm(f"torch|{pruned / 'model'}|{FLOWERS}", a)
-    if "onnx" not in variants(pruned / "model"):
-        duoclass_cli(["export", pruned / "model", "--format", "onnx"], work / "export-pruned.log")
     arms["pruned-onnx"] = run_arm(f"onnx|{pruned / 'model'}|{FLOWERS}", a)
     for v in arms.values():
         v["throughput_x_torch"] = v["items_per_s"] / arms["torch"]["items_per_s"]
@@ -311,6 +315,8 @@ def main() -> None:
     p.add_argument("--latency-items", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=64, help="duoclass text batch size")
     p.add_argument("--image-batch-size", type=int, default=32)
+    p.add_argument("--prepare-only", action="store_true",
+                   help="train, export, quantize and prune, then stop (time the arms later, on quiet cores)")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(RESULTS / "cpu_inference.json"))
     a = p.parse_args()

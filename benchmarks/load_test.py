@@ -307,6 +307,9 @@ def main() -> int:
             r = asyncio.run(drive(server.url, reqs, a.clients, a.max_seconds, on_count))
             rss["end"] = server.rss_mb()
         r["rss_mb"] = rss
+        if rss.get("after_1000") and rss.get("after_10000"):  # the acceptance: within 10% of its value at 1,000
+            r["rss_growth_1k_to_10k"] = round(rss["after_10000"] / rss["after_1000"] - 1, 4)
+            r["rss_within_10pct"] = abs(r["rss_growth_1k_to_10k"]) <= 0.10
         result["soak"] = r
         log.info("soak: %d sent in %.1f s, 5xx %d, RSS (MiB) %s", r["sent"], r["seconds"], r["5xx"], rss)
 

@@ -134,9 +134,14 @@ def main() -> None:
     if "certify" in a.parts:
         run = runs / f"noise{a.sigma:g}-seed{a.seeds[0]}"
         wall = train(run, a.seeds[0], ["--noise-augment", str(a.sigma)], a.subset_epochs)
-        args = ["certify", str(run / "model"), str(DATA), "--sigma", str(a.sigma), "--n", str(a.certify_n),
-                "--max-examples", str(a.certify_examples), "--json"]
-        m, cert_wall = duoclass(*args)
+        cache = run / f"certify-sigma{a.sigma:g}-n{a.certify_n}-ex{a.certify_examples}.json"
+        if cache.is_file():  # cached beside the run, like the attacks, so a rerun resumes
+            m, cert_wall = (c := json.loads(cache.read_text()))["result"], c["seconds"]
+        else:
+            args = ["certify", str(run / "model"), str(DATA), "--sigma", str(a.sigma), "--n", str(a.certify_n),
+                    "--max-examples", str(a.certify_examples), "--json"]
+            m, cert_wall = duoclass(*args)
+            cache.write_text(json.dumps({"result": m, "seconds": round(cert_wall, 1)}) + "\n")
         out["certify"] = {"train_seconds": round(wall, 1), "certify_seconds": round(cert_wall, 1), "result": m}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

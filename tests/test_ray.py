@@ -121,6 +121,10 @@ def test_predict_dataset_on_a_users_dataset(local_ray: Any, text_model: duoclass
     assert list(df["score"]) == pytest.approx([r.score for r in expect], abs=1e-6)
     assert list(df["lang"]) == ["en"] * len(expect)  # the user's columns are kept
     assert (df["error"] == "").all()
+    # a missing text (None, as a CSV's empty field reads) is the empty text: a guess with a warning, not "None"
+    df = predict_dataset(ray.data.from_items([{"text": None}, {"text": "good"}]), text_model.folder,
+                         workers=1).to_pandas()
+    assert df["warning"][0] == text_model.predict_results([""])[0].warning and df["warning"][1] == ""
     # images as bytes, the way ray.data.read_binary_files gives them
     files = sorted(p for p in images.rglob("*.png"))
     ds = ray.data.from_items([{"path": str(p), "bytes": p.read_bytes()} for p in files])

@@ -76,7 +76,7 @@ class Predictor:
         if self.column not in batch:
             raise DuoclassError(f"the dataset has no {self.column!r} column (columns: {', '.join(batch)}); "
                                 "pass column=NAME")
-        items = [bytes(x) if isinstance(x, (bytes, bytearray, np.bytes_)) else str(x) for x in batch[self.column]]
+        items = [_item(x) for x in batch[self.column]]
         names = [f"row {i}" for i in range(len(items))]
         clf = self.clf
         results = predict_items(clf.preprocessor, clf.backend, clf.classes_, items, self.batch_size, self.top_k,
@@ -88,6 +88,16 @@ class Predictor:
         out["error"] = np.array([r.error or "" for r in results], dtype=object)
         out["warning"] = np.array([r.warning or "" for r in results], dtype=object)
         return out
+
+
+def _item(x: Any) -> Any:
+    """One input as the predict path takes it: bytes stay bytes; a missing value (None, NaN) is the empty text
+    (for a text model, a guess with a warning; for an image model, that row's error)."""
+    if isinstance(x, (bytes, bytearray, np.bytes_)):
+        return bytes(x)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return str(x)
 
 
 def _check_settings(workers: int, cpus_per_worker: float, batch_size: int) -> None:
@@ -114,7 +124,8 @@ def predict_dataset(ds: Any, model_dir: str | Path, *, column: str | None = None
     cfg = read_model_config(folder)  # a bad folder fails here, with its own message, not in every worker
     if column is None:
         column = cfg["preprocessing"].get("text_column", "text") if cfg["task"] == "text" else "path"
-    names = ds.schema().names if ds.schema() is not None else []
+    schema = ds.schema()
+    names = list(schema.names) if schema is not None else []
     if column not in names:
         raise DuoclassError(f"the dataset has no {column!r} column (columns: {', '.join(names) or 'none'}); "
                             "pass column=NAME")
