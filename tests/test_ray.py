@@ -162,3 +162,5 @@ def test_cli_engine_ray_starts_its_own_ray(text_model: duoclass.Classifier, text
     assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
     r = run_cli("predict", str(text_model.folder), str(texts_csv), "--workers", "2")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --workers and --ray-address")
+    r = run_cli("predict", str(text_model.folder), str(texts_csv), "--engine", "ray", "--backend", "tflite")
+    assert r.returncode == 2 and "error: --backend tflite: unknown backend" in r.stderr.strip().splitlines()[-1]

@@ -5,6 +5,7 @@
     duoclass evaluate runs/x/model DATA --attack pgd,autoattack --eps 2/255,8/255 --max-examples 500
     duoclass certify runs/x/model DATA --sigma 0.25 --n 1000 --output certify.csv
     duoclass predict runs/x/model INPUT --output predictions.csv --top-k 3
+    duoclass predict runs/x/model INPUT --output predictions.csv --engine ray --workers 4   # the same CSV, on Ray
     duoclass export runs/x/model --format onnx           # then: duoclass predict runs/x/model INPUT --backend onnx
     duoclass quantize runs/x/model                         # int8, kept only if faster and no worse: --backend onnx-int8
     duoclass prune runs/x/model --amount 0.3 --finetune 3
