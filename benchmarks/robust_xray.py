@@ -87,6 +87,8 @@ def main() -> None:
                    help="flags of the adversarial arm (default: FGSM with random start at 4/255)")
     p.add_argument("--eps", default="2/255,4/255", help="PGD-10 budgets to report")
     p.add_argument("--autoattack-eps", default="2/255")
+    p.add_argument("--autoattack-seed", type=int, default=None,
+                   help="the seed whose runs AutoAttack checks (default: the first of --seeds; -1: none)")
     p.add_argument("--autoattack-examples", type=int, default=0, help="0 = the whole test split")
     p.add_argument("--autoattack-examples-adversarial", type=int, default=None,
                    help="AutoAttack examples for the adversarial arm (default: --autoattack-examples); AutoAttack's "
@@ -116,7 +118,7 @@ def main() -> None:
                 row = {"seed": seed, "train_seconds": round(wall, 1), "clean_accuracy": pgd["clean_accuracy"],
                        "pgd10": {r["eps_text"]: r["accuracy"] for r in pgd["robust"]["results"]},
                        "pgd_seconds": pgd["seconds"]}
-                if seed == a.seeds[0]:
+                if seed == (a.seeds[0] if a.autoattack_seed is None else a.autoattack_seed):
                     n_aa = a.autoattack_examples
                     if arm == "adversarial" and a.autoattack_examples_adversarial is not None:
                         n_aa = a.autoattack_examples_adversarial

@@ -203,8 +203,13 @@ def test_the_format_follows_the_cpu() -> None:
     vnni = plan("dynamic", {"machine": "x86_64", "vnni": True})
     arm = plan("dynamic", {"machine": "aarch64", "vnni": False})
     static = plan("static", {"machine": "x86_64", "vnni": False})
+    static_vnni = plan("static", {"machine": "x86_64", "vnni": True})
+    static_arm = plan("static", {"machine": "aarch64", "vnni": False})
     assert avx2["reduce_range"] and not vnni["reduce_range"] and not arm["reduce_range"]
-    assert static["quant_format"] == "QDQ" and static["activation_type"] == static["weight_type"] == "int8"
+    assert all(p["quant_format"] == "QDQ" and p["weight_type"] == "int8" for p in (static, static_vnni, static_arm))
+    # x86 integer kernels compute u8 x s8: uint8 activations there (7-bit weights without VNNI), S8S8 elsewhere
+    assert static["activation_type"] == static_vnni["activation_type"] == "uint8" and static_arm["activation_type"] == "int8"
+    assert static["reduce_range"] and not static_vnni["reduce_range"] and not static_arm["reduce_range"]
 
 
 def test_cpu_features_read_this_machine() -> None:
