@@ -145,6 +145,8 @@ def test_ray_errors(local_ray: Any, text_model: duoclass.Classifier, texts_csv: 
         predict_dataset(ds, text_model.folder)
     with pytest.raises(DuoclassError, match="already has column.*label"):
         predict_dataset(ray.data.from_items([{"text": "good", "label": "x"}]), text_model.folder)
+    with pytest.raises(DuoclassError, match="--backend onnx: the folder has no onnx variant.*duoclass export"):
+        predict_dataset(ray.data.from_items([{"text": "good"}]), text_model.folder, backend="onnx")
     with pytest.raises(DuoclassError, match="--workers 0: need at least 1"):
         predict_to_csv_ray(text_model.folder, texts_csv, tmp_path / "x.csv", workers=0)
     with pytest.raises(DuoclassError, match="config.json"):
@@ -164,3 +166,17 @@ def test_cli_engine_ray_starts_its_own_ray(text_model: duoclass.Classifier, text
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --workers and --ray-address")
     r = run_cli("predict", str(text_model.folder), str(texts_csv), "--engine", "ray", "--backend", "tflite")
     assert r.returncode == 2 and "error: --backend tflite: unknown backend" in r.stderr.strip().splitlines()[-1]
+
+
+def test_ray_on_the_onnx_backend(local_ray: Any, text_model: duoclass.Classifier, texts_csv: Path,
+                                 tmp_path: Path) -> None:
+    """The workers run the folder's ONNX variant (no torch in the model's path) and write local predict's CSV."""
+    from duoclass.export import export_onnx
+
+    folder = tmp_path / "model"
+    shutil.copytree(text_model.folder, folder)
+    export_onnx(folder)
+    local = duoclass.Classifier.from_folder(folder, backend="onnx")
+    predict_to_csv(local, texts_csv, tmp_path / "local.csv", top_k=2)
+    predict_to_csv_ray(folder, texts_csv, tmp_path / "ray.csv", workers=2, top_k=2, backend="onnx")
+    assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()

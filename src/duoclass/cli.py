@@ -208,11 +208,8 @@ def cmd_certify(ns: argparse.Namespace) -> int:
 
 def cmd_predict(ns: argparse.Namespace) -> int:
     if ns.engine == "ray":
-        from .classifier import BACKENDS
         from .ray_predict import predict_to_csv_ray
 
-        if ns.backend not in BACKENDS:
-            raise DuoclassError(f"--backend {ns.backend}: unknown backend; choose one of: {', '.join(BACKENDS)}")
         n, failed = predict_to_csv_ray(ns.model_dir, ns.input, ns.output, workers=2 if ns.workers is None else ns.workers, top_k=ns.top_k,
                                        batch_size=ns.batch_size, text_column=ns.text_column, labels_only=ns.labels_only,
                                        backend=ns.backend, device="cpu" if ns.device == "auto" else ns.device,

@@ -109,6 +109,16 @@ def _check_settings(workers: int, cpus_per_worker: float, batch_size: int) -> No
         raise DuoclassError(f"--batch-size {batch_size}: must be at least 1")
 
 
+def _check_backend(folder: Path, cfg: dict[str, Any], backend: str) -> None:
+    from .classifier import BACKENDS
+
+    if backend not in BACKENDS:
+        raise DuoclassError(f"--backend {backend}: unknown backend; choose one of: {', '.join(BACKENDS)}")
+    if backend != "torch" and backend not in cfg.get("variants", {}):
+        how = "duoclass export MODEL_DIR --format onnx" if backend == "onnx" else "duoclass quantize MODEL_DIR"
+        raise DuoclassError(f"{folder}: --backend {backend}: the folder has no {backend} variant; make it with `{how}`")
+
+
 def predict_dataset(ds: Any, model_dir: str | Path, *, column: str | None = None, workers: int = 2,
                     cpus_per_worker: float = 1, backend: str = "torch", top_k: int = 1, batch_size: int = 64,
                     device: str = "cpu", num_gpus: float = 0, cwd: str | None = None) -> Any:
@@ -121,7 +131,8 @@ def predict_dataset(ds: Any, model_dir: str | Path, *, column: str | None = None
 
     _check_settings(workers, cpus_per_worker, batch_size)
     folder = Path(model_dir).resolve()
-    cfg = read_model_config(folder)  # a bad folder fails here, with its own message, not in every worker
+    cfg = read_model_config(folder)  # a bad folder or backend fails here, with its own message, not in every worker
+    _check_backend(folder, cfg, backend)
     if column is None:
         column = cfg["preprocessing"].get("text_column", "text") if cfg["task"] == "text" else "path"
     schema = ds.schema()
@@ -183,6 +194,7 @@ def predict_to_csv_ray(model_dir: str | Path, input_path: str | Path, output: st
     _check_settings(workers, cpus_per_worker, batch_size)
     folder = Path(model_dir).resolve()
     cfg = read_model_config(folder)
+    _check_backend(folder, cfg, backend)
     task, classes = cfg["task"], cfg["classes"]
     pre = preprocessor_from_config(task, cfg["preprocessing"], folder)
     k = max(1, min(top_k, len(classes)))
