@@ -28,6 +28,24 @@ log = logging.getLogger("duoclass")
 BACKENDS = ("torch", "onnx", "onnx-int8")  # what `backend=` / `--backend` accept
 
 
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise DuoclassError(f"--backend {backend}: unknown backend; choose one of: {', '.join(BACKENDS)}")
+
+
+def backend_variant(folder: Path, cfg: dict[str, Any], backend: str) -> dict[str, Any] | None:
+    """The folder's record of the variant `backend` runs (None for torch, which runs the weights); a clear error
+    for an unknown backend or a variant the folder does not have."""
+    check_backend_name(backend)
+    if backend == "torch":
+        return None
+    variant = cfg.get("variants", {}).get(backend)
+    if variant is None:
+        how = "duoclass export MODEL_DIR --format onnx" if backend == "onnx" else "duoclass quantize MODEL_DIR"
+        raise DuoclassError(f"{folder}: --backend {backend}: the folder has no {backend} variant; make it with `{how}`")
+    return variant
+
+
 def _as_list(inputs: Any) -> tuple[list[Any], bool]:
     """(inputs as a list, whether a single input was given)."""
     from os import PathLike
@@ -68,8 +86,7 @@ class Classifier:
         from .preprocess import preprocessor_from_config
 
         folder = Path(path)
-        if backend not in BACKENDS:
-            raise DuoclassError(f"--backend {backend}: unknown backend; choose one of: {', '.join(BACKENDS)}")
+        check_backend_name(backend)
         if backend == "torch":
             from .backends import torch_backend_from_folder
             from .checkpoint import read_model_folder
@@ -80,12 +97,7 @@ class Classifier:
             from .onnx_backend import OnnxBackend
 
             cfg = read_model_config(folder)
-            variant = cfg.get("variants", {}).get(backend)
-            if variant is None:
-                how = ("duoclass export MODEL_DIR --format onnx" if backend == "onnx" else "duoclass quantize MODEL_DIR")
-                raise DuoclassError(f"{folder}: --backend {backend}: the folder has no {backend} variant; "
-                                    f"make it with `{how}`")
-            runner = OnnxBackend(folder / variant["path"], threads=threads, name=backend)
+            runner = OnnxBackend(folder / backend_variant(folder, cfg, backend)["path"], threads=threads, name=backend)
         pre = preprocessor_from_config(cfg["task"], cfg["preprocessing"], folder)
         return cls(runner, cfg["classes"], pre, cfg, folder)
 

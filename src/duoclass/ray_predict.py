@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .classifier import backend_variant
 from .errors import DuoclassError
 from .predict import Prediction, csv_inputs, length_order, predict_items, write_predictions_csv
 
@@ -73,9 +74,6 @@ class Predictor:
         self.column, self.top_k, self.batch_size = column, top_k, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.column not in batch:
-            raise DuoclassError(f"the dataset has no {self.column!r} column (columns: {', '.join(batch)}); "
-                                "pass column=NAME")
         items = [_item(x) for x in batch[self.column]]
         names = [f"row {i}" for i in range(len(items))]
         clf = self.clf
@@ -109,16 +107,6 @@ def _check_settings(workers: int, cpus_per_worker: float, batch_size: int) -> No
         raise DuoclassError(f"--batch-size {batch_size}: must be at least 1")
 
 
-def _check_backend(folder: Path, cfg: dict[str, Any], backend: str) -> None:
-    from .classifier import BACKENDS
-
-    if backend not in BACKENDS:
-        raise DuoclassError(f"--backend {backend}: unknown backend; choose one of: {', '.join(BACKENDS)}")
-    if backend != "torch" and backend not in cfg.get("variants", {}):
-        how = "duoclass export MODEL_DIR --format onnx" if backend == "onnx" else "duoclass quantize MODEL_DIR"
-        raise DuoclassError(f"{folder}: --backend {backend}: the folder has no {backend} variant; make it with `{how}`")
-
-
 def predict_dataset(ds: Any, model_dir: str | Path, *, column: str | None = None, workers: int = 2,
                     cpus_per_worker: float = 1, backend: str = "torch", top_k: int = 1, batch_size: int = 64,
                     device: str = "cpu", num_gpus: float = 0, cwd: str | None = None) -> Any:
@@ -132,7 +120,13 @@ def predict_dataset(ds: Any, model_dir: str | Path, *, column: str | None = None
     _check_settings(workers, cpus_per_worker, batch_size)
     folder = Path(model_dir).resolve()
     cfg = read_model_config(folder)  # a bad folder or backend fails here, with its own message, not in every worker
-    _check_backend(folder, cfg, backend)
+    backend_variant(folder, cfg, backend)
+    return _map(ds, folder, cfg, column, workers, cpus_per_worker, backend, top_k, batch_size, device, num_gpus, cwd)
+
+
+def _map(ds: Any, folder: Path, cfg: dict[str, Any], column: str | None, workers: int, cpus_per_worker: float,
+         backend: str, top_k: int, batch_size: int, device: str, num_gpus: float, cwd: str | None) -> Any:
+    """predict_dataset for a folder whose config (`cfg`) and settings are already checked."""
     if column is None:
         column = cfg["preprocessing"].get("text_column", "text") if cfg["task"] == "text" else "path"
     schema = ds.schema()
@@ -194,7 +188,7 @@ def predict_to_csv_ray(model_dir: str | Path, input_path: str | Path, output: st
     _check_settings(workers, cpus_per_worker, batch_size)
     folder = Path(model_dir).resolve()
     cfg = read_model_config(folder)
-    _check_backend(folder, cfg, backend)
+    backend_variant(folder, cfg, backend)
     task, classes = cfg["task"], cfg["classes"]
     pre = preprocessor_from_config(task, cfg["preprocessing"], folder)
     k = max(1, min(top_k, len(classes)))
@@ -215,8 +209,8 @@ def predict_to_csv_ray(model_dir: str | Path, input_path: str | Path, output: st
     if blocks:
         with ray_session(address, workers * cpus_per_worker) as ray:
             ds = ray.data.from_pandas([pd.DataFrame({"row": b, "input": [inputs[i] for i in b]}) for b in blocks])
-            out = predict_dataset(ds, folder, column="input", workers=min(workers, len(blocks)), cpus_per_worker=cpus_per_worker,
-                                  backend=backend, top_k=k, batch_size=batch_size, device=device, cwd=os.getcwd())
+            out = _map(ds, folder, cfg, "input", min(workers, len(blocks)), cpus_per_worker, backend, k, batch_size,
+                       device, 0, os.getcwd())
             for batch in out.iter_batches(batch_format="numpy", batch_size=None):
                 for row, label, score, top, error, warning in zip(batch["row"], batch["label"], batch["score"],
                                                                   batch["top_k"], batch["error"], batch["warning"]):
