@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import logging
 import math
 import time
@@ -159,16 +160,20 @@ def certify(clf: Any, data: str | Path, split: str = "test", sigma: float = 0.25
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     """One row per image: input,label,prediction,abstained,count,p_lower,radius,correct (prediction and radius
     empty when abstaining)."""
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_text, is_stdout
 
     buf = io.StringIO()
     cols = ["input", "label", "prediction", "abstained", "count", "p_lower", "radius", "correct"]
-    w = csv.writer(buf)
+    w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
         w.writerow([r["input"], r["label"], r["prediction"] or "", str(r["abstained"]).lower(), r["count"],
                     f"{r['p_lower']:.6f}", "" if r["radius"] is None else f"{r['radius']:.6f}", str(r["correct"]).lower()])
-    atomic_write_text(path, buf.getvalue())
+    if is_stdout(path):
+        sys.stdout.write(buf.getvalue())
+        sys.stdout.flush()
+    else:
+        atomic_write_text(path, buf.getvalue())
 
 
 def summary_lines(c: dict[str, Any]) -> list[str]:

@@ -64,6 +64,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import shutil
 import sys
 from pathlib import Path
@@ -117,8 +118,25 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     """Write `path` via a temp file in the same folder, fsync, then rename over the target.
 
     A crash at any moment leaves either the old file or the new one, never a torn one.
+    A symbolic link is written through, never replaced: the file it points to gets the new content
+    (atomically, when that is a regular file or does not exist yet). A path that is not a regular
+    file (`/dev/stdout`, a terminal, a pipe, `/dev/null`) cannot be renamed over; it is written to
+    directly.
     """
     path = Path(path)
+    if os.path.islink(path):
+        try:
+            st = os.stat(path)  # follows the link
+        except FileNotFoundError:
+            st = None  # a dangling link: create the file it names
+        if st is None or stat.S_ISREG(st.st_mode):
+            path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        if path.is_dir():
+            raise DuoclassError(f"{path}: is a folder; give a file name to write")
+        with open(path, "wb") as f:  # a device or pipe: there is nothing to rename over
+            write(f)  # type: ignore[arg-type]
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -135,6 +153,18 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
         except FileNotFoundError:
             pass
         raise
+
+
+def is_stdout(path: str | Path | None) -> bool:
+    """True for `-`, and for a path that is this process's standard output (`/dev/stdout`, /proc/self/fd/1)."""
+    if path is None or str(path) == "":
+        return False
+    if str(path) == "-":
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(1))
+    except (OSError, ValueError):
+        return False
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -195,14 +195,17 @@ def cmd_certify(ns: argparse.Namespace) -> int:
         max_examples=ns.max_examples, seed=ns.seed, output=ns.output, path_column=ns.path_column,
         label_column=ns.label_column,
     )
+    from .checkpoint import is_stdout
+
+    out = sys.stderr if is_stdout(ns.output) else sys.stdout  # the CSV has standard output to itself
     if ns.json:
-        print(json.dumps(c))
+        print(json.dumps(c), file=out)
     else:
         from .certify import summary_lines
 
-        print("\n".join(summary_lines(c)))
+        print("\n".join(summary_lines(c)), file=out)
         if ns.output:
-            print(f"wrote {c['examples']} certificates to {ns.output}")
+            print(f"wrote {c['examples']} certificates to {ns.output}", file=out)
     return 0
 
 
@@ -224,7 +227,10 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         n, failed = predict_to_csv(clf, ns.input, ns.output, top_k=ns.top_k, batch_size=ns.batch_size,
                                    text_column=ns.text_column, labels_only=ns.labels_only)
     if ns.output:
-        print(f"wrote {n} predictions to {ns.output}" + (f" ({failed} inputs could not be read: see the error column)" if failed else ""))
+        from .checkpoint import is_stdout
+
+        print(f"wrote {n} predictions to {ns.output}" + (f" ({failed} inputs could not be read: see the error column)" if failed else ""),
+              file=sys.stderr if is_stdout(ns.output) else sys.stdout)
     return 0
 
 
@@ -423,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict a file, folder, zip or CSV of inputs into a CSV")
     pr.add_argument("model_dir")
     pr.add_argument("input")
-    pr.add_argument("--output", help="CSV to write (default: stdout)")
+    pr.add_argument("--output", help="CSV to write (default, or -: standard output); a symlink is written through")
     pr.add_argument("--top-k", type=int, default=1)
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--device", default="auto")

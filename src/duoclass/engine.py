@@ -623,7 +623,7 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
     update_model_folder_metrics(model_dir, {"epoch": best_epoch, "valid": valid, "test": test})
     if data.skipped:
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")
         w.writerow(["path", "split", "label", "status", "reason"])
         for s in data.skipped:
             w.writerow([s.path, s.split, s.label, s.status, s.reason])

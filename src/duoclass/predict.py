@@ -223,11 +223,11 @@ def predict_to_csv(clf: Any, input_path: str | Path, output: str | Path | None, 
 def write_predictions_csv(results: Sequence[Prediction], key: str, k: int, labels_only: bool,
                           output: str | Path | None, input_path: str | Path) -> tuple[int, int]:
     """The CSV of `duoclass predict` (see predict_to_csv), written atomically to `output` or to stdout."""
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_text, is_stdout
 
     header = [key, "label"] if labels_only else [key, "label", "probability"] + (["top_k"] if k > 1 else []) + ["error", "warning"]
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for r in results:
         row = [r.input, r.label or ""]
@@ -237,10 +237,11 @@ def write_predictions_csv(results: Sequence[Prediction], key: str, k: int, label
                 row.append(";".join(f"{c}:{p:.6f}" for c, p in r.top_k))
             row += [r.error or "", r.warning or ""]
         w.writerow(row)
-    if output:
+    if output and not is_stdout(output):
         atomic_write_text(output, buf.getvalue())
     else:
         sys.stdout.write(buf.getvalue())
+        sys.stdout.flush()
     failed = sum(not r.ok for r in results)
     warned = sum(r.warning is not None for r in results)
     if warned:

@@ -17,8 +17,8 @@ Endpoints (every one needs the token when one is set, except /healthz):
     GET  /v1/models/{name}/confusion_matrix.png, .../curves.png   the run folder's plots, read at start
     GET  /healthz  /readyz  /metrics (Prometheus text)  /docs  /openapi.json  /  (the web page)
 
-How a prediction runs: the handler validates the request (pydantic, sizes, image magic bytes, empty
-texts) and puts its items on the model's queue. One asyncio task per model takes items from many
+How a prediction runs: the handler validates the request (pydantic, sizes, image magic bytes,
+Unicode) and puts its items on the model's queue. One asyncio task per model takes items from many
 requests, up to --max-batch-size items (and, for text, --max-tokens padded tokens, from the
 preprocessor's encoded lengths) or until the oldest has waited --max-wait-ms, and hands the batch
 to the model's own thread, which calls `predict.predict_items` once: the model never runs on the
@@ -893,9 +893,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
                                         "or JSON {\"image\": base64})", "wrong_task")
             texts = [req.text] if req.text is not None else list(req.texts or [])
             names = ["text"] if req.text is not None else [f"texts[{i}]" for i in range(len(texts))]
-            for t, n in zip(texts, names):
-                if not t.strip():
-                    raise RequestError(422, f"{n}: empty text; send at least one word", "bad_text")
+            for t, n in zip(texts, names):  # an empty text is predicted, its answer flagged as a guess in `warning`
                 try:
                     t.encode("utf-8")
                 except UnicodeEncodeError:

@@ -31,8 +31,14 @@ def decode_text(path: Path, raw: bytes) -> tuple[str, str]:
     )
 
 
-def read_table(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Read a CSV (or TSV by extension) into (header, [(line_number, row), ...])."""
+def read_table(path: str | Path, keep_blank_rows: bool = False) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Read a CSV (or TSV by extension) into (header, [(line_number, row), ...]).
+
+    Rows whose fields are all blank are skipped, unless `keep_blank_rows` (prediction inputs, where every
+    row must come back): then only empty lines are skipped, and in a one-column file an empty line
+    followed by more data is an empty value too (pandas writes an empty string there as `""`, a hand-made
+    file as nothing).
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -54,12 +60,20 @@ def read_table(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, s
             raise DuoclassError(f"{path}: line 1: duplicate column name {h!r}; rename one of them")
         seen.add(h)
     rows: list[tuple[int, dict[str, str]]] = []
+    blank_lines: list[int] = []  # one-column file, keep_blank_rows: empty lines not yet known to be trailing
     start = reader.line_num + 1
     try:
         for values in reader:
             line = start
             start = reader.line_num + 1
-            if not values or all(not v.strip() for v in values):
+            if keep_blank_rows:
+                if not values:
+                    if len(header) == 1:
+                        blank_lines.append(line)
+                    continue
+                rows += [(n, {header[0]: ""}) for n in blank_lines]
+                blank_lines = []
+            elif not values or all(not v.strip() for v in values):
                 continue
             if len(values) > len(header):
                 raise DuoclassError(

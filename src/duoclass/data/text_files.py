@@ -69,7 +69,7 @@ def read_text_file(
     from .tables import read_table
 
     path = Path(path)
-    header, rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_table(path)
+    header, rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_table(path, keep_blank_rows=not skip_empty)
     if not rows:
         raise DuoclassError(f"{path}: no data rows; add rows under the header")
     for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):

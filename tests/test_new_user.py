@@ -1,0 +1,137 @@
+"""What a new user does by mistake must never damage the system or lose a row.
+
+- an output path that is a symlink (`/dev/stdout` as root) is written through, never replaced; `-` is stdout;
+- an empty text in a prediction CSV keeps its row, its 0-based id and gets a warning, with or without an
+  `id` column, and the same holds for the Python API.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import duoclass
+from duoclass import cli
+
+from .conftest import run_cli
+from .test_text import FAST, make_toy
+
+pytestmark = pytest.mark.timeout(300)
+
+FOUR_ROWS = 'text\nhi there\n""\n""\nsee you at 5\n'  # what pandas writes for ["hi there", "", "", "see you at 5"]
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("newuser")
+    clf = duoclass.train(make_toy(root / "toy", 80, 20), model="tfidf-mlp", epochs=1, output=str(root / "run"), **FAST)
+    return Path(clf.result_.model_dir)
+
+
+def _rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+# --- outputs --------------------------------------------------------------------------------
+def test_symlinked_output_is_written_through(text_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(FOUR_ROWS, encoding="utf-8")
+    target = tmp_path / "real" / "predictions.csv"
+    target.parent.mkdir()
+    target.write_text("old content\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    assert cli.main(["predict", str(text_model), str(src), "--output", str(link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert [r["id"] for r in _rows(target.read_text())] == ["0", "1", "2", "3"]
+    # a dangling link: the file it names is created, the link kept
+    gone = tmp_path / "real" / "new.csv"
+    link2 = tmp_path / "link2.csv"
+    link2.symlink_to(gone)
+    assert cli.main(["predict", str(text_model), str(src), "--output", str(link2)]) == 0
+    assert link2.is_symlink() and gone.is_file() and len(_rows(gone.read_text())) == 4
+
+
+def test_output_to_a_pipe_writes_into_it(tmp_path: Path) -> None:
+    """A FIFO (like a device or /dev/stdout's pipe) cannot be renamed over: it is written to directly, and stays a FIFO."""
+    import stat
+    import threading
+
+    from duoclass.checkpoint import atomic_write_text
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    atomic_write_text(fifo, "x\n")
+    reader.join(10)
+    assert got == [b"x\n"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    with pytest.raises(duoclass.DuoclassError, match="is a folder"):
+        atomic_write_text(tmp_path, "x\n")
+
+
+@pytest.mark.parametrize("out", ["-", "/dev/stdout", "link"])
+def test_output_to_stdout_prints_the_csv(text_model: Path, tmp_path: Path, out: str) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(FOUR_ROWS, encoding="utf-8")
+    if out == "link":  # the same shape as /dev/stdout (a symlink to /proc/self/fd/1), in a folder of our own
+        (tmp_path / "out.csv").symlink_to("/proc/self/fd/1")
+        out = str(tmp_path / "out.csv")
+    was_link = os.path.islink("/dev/stdout")
+    r = run_cli("predict", str(text_model), str(src), "--output", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [row["id"] for row in _rows(r.stdout)] == ["0", "1", "2", "3"]  # only the CSV is on stdout
+    assert "wrote 4 predictions" in r.stderr
+    assert not (tmp_path / "-").exists()
+    assert os.path.islink("/dev/stdout") == was_link
+    if out.endswith("out.csv"):
+        assert (tmp_path / "out.csv").is_symlink()
+
+
+def test_csv_has_unix_line_ends(text_model: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(FOUR_ROWS, encoding="utf-8")
+    assert cli.main(["predict", str(text_model), str(src), "--output", str(tmp_path / "o.csv")]) == 0
+    assert b"\r\n" not in (tmp_path / "o.csv").read_bytes()
+
+
+# --- no row lost ------------------------------------------------------------------------------
+@pytest.mark.parametrize("content,ids", [
+    (FOUR_ROWS, ["0", "1", "2", "3"]),
+    ('id,text\na,hi there\nb,""\nc,\nd,see you at 5\n', ["a", "b", "c", "d"]),
+    ("text\nhi there\n\n\nsee you at 5\n\n", ["0", "1", "2", "3"]),  # hand-made: blank lines inside are rows, a trailing one is not
+], ids=["pandas", "id-column", "blank-lines"])
+def test_empty_texts_keep_their_rows(text_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                     content: str, ids: list[str]) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(content, encoding="utf-8")
+    out = tmp_path / "o.csv"
+    assert cli.main(["predict", str(text_model), str(src), "--output", str(out)]) == 0
+    rows = _rows(out.read_text())
+    assert [r["id"] for r in rows] == ids
+    assert all(r["label"] in ("pos", "neg") for r in rows)
+    assert ["empty text" in r["warning"] for r in rows] == [False, True, True, False]
+    assert "2 rows have empty text" in caplog.text
+
+
+def test_python_api_keeps_empty_texts(text_model: Path) -> None:
+    clf = duoclass.load(text_model, device="cpu")
+    res = clf.predict_results(["hi there", "", "", "see you at 5"])
+    assert len(res) == 4 and all(r.ok for r in res)
+    assert ["empty text" in (r.warning or "") for r in res] == [False, True, True, False]
+    assert len(clf.predict(["hi there", "", "", "see you at 5"])) == 4
+
+
+def test_training_still_skips_empty_rows_and_counts_them(tmp_path: Path) -> None:
+    """keep_blank_rows is for prediction only: a training CSV's empty rows are skipped and listed."""
+    from duoclass.data.tables import read_table
+
+    p = tmp_path / "t.csv"
+    p.write_text(FOUR_ROWS, encoding="utf-8")
+    assert len(read_table(p)[1]) == 2
+    assert len(read_table(p, keep_blank_rows=True)[1]) == 4
