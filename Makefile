@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench bench-quick clean-venv
+.PHONY: demo test test-slow test-gpu browser bench bench-quick clean-venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,17 +19,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/duoclass demo --output runs/demo
 
-## Quick start 2: the test suite (slow and GPU checks excluded)
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+## Debian's chromium for the page test, installed when missing (as root, or with passwordless sudo)
+browser:
+	@bash scripts/install_chromium.sh
+
+## Quick start 2: the test suite (slow and GPU checks excluded). Skip reasons are listed (-rs), and a skip
+## that should not happen fails the run (tests/conftest.py: only GPU tests, and shared-data tests where
+## ../shared/data is absent, may skip)
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q -rs
 
 ## Long checks on the real datasets in ../shared/data (tests/test_slow.py; they skip when the data is absent)
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -rs -m slow
 
 ## CUDA checks (tests/test_gpu.py; they skip without a CUDA device)
 test-gpu: $(STAMP)
-	$(BIN)/python -m pytest -q -m gpu
+	$(BIN)/python -m pytest -q -rs -m gpu
 
 ## The fused AdamW step against PyTorch's per-tensor loop: step times on real duoclass models, then
 ## tfidf-mlp training on ../shared/data/text/chnsenticorp_htl with each. Writes runs/bench/optimizer_step.json

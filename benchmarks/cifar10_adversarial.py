@@ -75,7 +75,8 @@ class PreActResNet18(nn.Module):
 
 
 def register_model() -> None:
-    from duoclass.models import ImageModel, get_spec, register
+    from duoclass.models import get_spec
+    from duoclass.models.base import ImageModel, register
 
     if get_spec("preact-resnet18") is not None:
         return
@@ -122,7 +123,7 @@ class DeviceBatches:
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int,
                     batch: int, device: torch.device) -> tuple[float, float]:
     """(clean, PGD) accuracy in fp32, model in eval mode: an example is robust if no restart fools it."""
-    from duoclass.attacks import pgd
+    from duoclass.robust.attacks import pgd
 
     model.eval()
     clean = robust = 0
@@ -159,11 +160,12 @@ def main() -> None:
         sys.exit(f"error: {a.data}: not found; pass --data PATH to the CIFAR-10 zip (train/<class>/*.jpg, test/<class>/*.jpg)")
 
     import duoclass
-    from duoclass.api import prepare, resolve_settings
-    from duoclass.attacks import make_step, parse_eps
-    from duoclass.backends import pick_device
-    from duoclass.config import TrainConfig
-    from duoclass.engine import fit
+    from duoclass.training.run import prepare, resolve_settings
+    from duoclass.training.adversarial import make_step
+    from duoclass.settings.budget import parse_eps
+    from duoclass.infer.torch_backend import pick_device
+    from duoclass.settings.config import TrainConfig
+    from duoclass.training.loop import fit
     from duoclass.models import create_model
 
     register_model()

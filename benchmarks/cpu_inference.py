@@ -127,7 +127,7 @@ def arm_founding(folder: Path, data: Path, a: argparse.Namespace) -> dict[str, A
 
 def arm_duoclass(folder: Path, data: Path, backend: str, a: argparse.Namespace) -> dict[str, Any]:
     import duoclass
-    from duoclass.predict import predict_items
+    from duoclass.infer.predict import predict_items
 
     clf = duoclass.load(folder, backend=backend, device="cpu")
     inputs, names, labels, _ = clf.split_inputs(data, "test")
@@ -324,7 +324,7 @@ def main() -> None:
         child(a.arm, a)
         return
     out: dict[str, Any] = {"command": " ".join(["python", "benchmarks/cpu_inference.py", *sys.argv[1:]]),
-                           "environment": environment(), "cpu": __import__("duoclass.onnx_backend").onnx_backend.cpu_features(),
+                           "environment": environment(), "cpu": __import__("duoclass.infer.onnx_backend").infer.onnx_backend.cpu_features(),
                            "load_average_start": os.getloadavg()}
     if "text" in a.parts:
         out["text"] = text_part(a)

@@ -68,7 +68,7 @@ def toy_texts(path: Path, n: int, seed: int) -> None:
 def tiny_models(root: Path) -> tuple[Path, Path]:
     """msresnet-tiny at 16 px on scikit-learn's digits and tfidf-mlp on toy texts, trained once into root."""
     import duoclass
-    from duoclass.demo import write_digits
+    from duoclass.cli.demo import write_digits
 
     image, text = root / "digits" / "model", root / "toy-text" / "model"
     common = dict(progress=False, tensorboard=False, device="cpu", seed=0)
@@ -97,7 +97,7 @@ class ServerProcess:
     def __init__(self, models: dict[str, Path], flags: list[str], log_file: Path):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.cmd = [sys.executable, "-m", "duoclass.serve", *(f"{k}={v}" for k, v in models.items()),
+        self.cmd = [sys.executable, "-m", "duoclass.serve.app", *(f"{k}={v}" for k, v in models.items()),
                     "--host", HOST, "--port", str(self.port), "--no-access-log", *flags]
         self.log_file = log_file
 

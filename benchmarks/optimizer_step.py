@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import duoclass
-from duoclass import engine
+from duoclass.training import optim as engine
 from duoclass.models import count_params, create_model
 
 from bench_common import DEFAULT_DATA, RESULTS, RUNS, dataset_dir, environment, write_result

@@ -68,7 +68,7 @@ from typing import Any
 from bench_common import (DEFAULT_DATA, RESULTS, RUNS, dataset_dir, environment, last_json, mean_std, prepared_dataset,
                           read_rows, run_cli, run_metrics, write_result)
 
-from duoclass.config import TEXT_EPS
+from duoclass.settings.budget import TEXT_EPS
 
 ARMS = ("plain", "fgm")
 

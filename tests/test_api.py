@@ -154,7 +154,7 @@ def test_real_xrays_subset(tmp_path: Path) -> None:
 
 
 def test_balanced_accuracy_and_selection_rule() -> None:
-    from duoclass.metrics import classification_metrics, select
+    from duoclass.report.metrics import classification_metrics, select
 
     # 3 of class a (2 right), 1 of class b (right), class c absent from the labels
     probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.2, 0.8, 0.0], [0.1, 0.9, 0.0]])

@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duoclass.api import prepare, resolve_settings
-from duoclass.attacks import AdversarialStep, check_adversarial, fgsm, make_step, parse_eps, pgd
-from duoclass.config import TrainConfig
-from duoclass.engine import StepContext, fit, standard_step
+from duoclass.training.run import prepare, resolve_settings
+from duoclass.training.adversarial import AdversarialStep, check_adversarial, make_step
+from duoclass.robust.attacks import fgsm, pgd
+from duoclass.settings.budget import parse_eps
+from duoclass.settings.config import TrainConfig
+from duoclass.training.steps import StepContext, standard_step
+from duoclass.training.loop import fit
 from duoclass.errors import DuoclassError
 from duoclass.models import available, create_model
 

@@ -12,8 +12,8 @@ from scipy.stats import norm
 from torch import nn
 
 import duoclass
-from duoclass import cli
-from duoclass.certify import certified_accuracy, certify_pixels, lower_confidence_bound
+from duoclass.cli import commands as cli
+from duoclass.robust.certify import certified_accuracy, certify_pixels, lower_confidence_bound
 from duoclass.errors import DuoclassError
 
 from .test_robust_eval import digits_model, small, text_model, toy_text  # noqa: F401  (shared fixtures)
@@ -71,6 +71,63 @@ def test_radius_is_a_lower_bound_on_the_distance_to_the_boundary() -> None:
     assert 0.6 * d < c.radius <= d
     (c,) = certify_pixels(Threshold(), image(0.5 - d), 0.25, n=2000, n0=100, alpha=0.001, batch_size=500)
     assert c.prediction == 1 and 0.6 * d < c.radius <= d
+
+
+class Recording(nn.Module):
+    """Threshold's answer (so counts vary from sample to sample), and a copy of every noisy input it is shown,
+    filed under the sample_counts call that showed it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, list[torch.Tensor]]] = []  # (num asked for, the batches that call ran)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["pixel_values"]
+        self.calls[-1][1].append(x.detach().clone())
+        return Threshold()(batch)
+
+
+def test_selection_and_estimation_use_disjoint_noise_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: CERTIFY chooses the top class from n0 noisy samples and estimates its probability from n OTHER
+    samples (reusing the selection samples for the estimate voids the certificate).
+
+    sample_counts is wrapped so every input the model sees is filed under the draw it belongs to: per image, one
+    draw of n0 samples that picks the prediction, then one of n fresh samples whose votes are the certificate's
+    count; no noisy input of the first draw appears in the second."""
+    from duoclass.robust import certify as certify_mod
+
+    model = Recording()
+    real = certify_mod.sample_counts
+
+    def recorded(m, x, num, sigma, batch_size, gen):  # type: ignore[no-untyped-def]
+        model.calls.append((num, []))
+        return real(m, x, num, sigma, batch_size, gen)
+
+    monkeypatch.setattr(certify_mod, "sample_counts", recorded)
+    n0, n = 30, 400
+    x = torch.cat([image(0.6), image(0.4)])  # 0.1 from the boundary: about 66% of samples vote for the true side
+    certs = certify_pixels(model, x, 0.25, n=n, n0=n0, alpha=0.01, batch_size=64)
+    assert len(model.calls) == 2 * len(certs), [num for num, _ in model.calls]
+    for i, c in enumerate(certs):
+        (asked0, chose), (asked, estimated) = model.calls[2 * i], model.calls[2 * i + 1]
+        chose_x, estimated_x = torch.cat(chose), torch.cat(estimated)
+        assert asked0 == n0 and len(chose_x) == n0
+        assert asked == n and len(estimated_x) == n
+        # every sample is x_i plus its own noise, and the two draws share none
+        assert torch.allclose(chose_x.mean(0), x[i], atol=0.25) and torch.allclose(estimated_x.mean(0), x[i], atol=0.1)
+        seen0 = {row.numpy().tobytes() for row in chose_x.flatten(1)}
+        seen = {row.numpy().tobytes() for row in estimated_x.flatten(1)}
+        assert len(seen0) == n0 and len(seen) == n
+        shared = len(seen0 & seen)
+        assert shared == 0, f"image {i}: {shared} of the {n0} selection samples were used again for the estimate"
+        # the prediction is the n0 draw's majority; the count is the n draw's votes for it
+        votes0 = torch.bincount(Threshold()({"pixel_values": chose_x}).argmax(1), minlength=2)
+        votes = torch.bincount(Threshold()({"pixel_values": estimated_x}).argmax(1), minlength=2)
+        top = int(votes0.argmax())
+        assert c.count == int(votes[top])
+        assert c.p_lower == pytest.approx(lower_confidence_bound(int(votes[top]), n, 0.01))
+        assert c.prediction == (top if c.p_lower >= 0.5 else None)
+    assert [c.prediction for c in certs] == [0, 1]  # both certified, on their true side
 
 
 def test_seeded() -> None:
@@ -155,8 +212,8 @@ def test_certify_a_text_model_is_one_error(text_model: duoclass.Classifier, toy_
 # --- training with noise ----------------------------------------------------------------------------
 def test_noise_augmentation() -> None:
     """Gaussian noise of the asked sigma in [0, 1] pixel space, not clamped; off at 0."""
-    from duoclass.config import Augment
-    from duoclass.image import BatchAugment
+    from duoclass.settings.augment import Augment
+    from duoclass.training.image_data import BatchAugment
 
     torch.manual_seed(0)
     x = torch.full((64, 3, 16, 16), 0.5)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import duoclass
-from duoclass.api import prepare, resolve_settings
-from duoclass.config import TrainConfig
+from duoclass.training.run import prepare, resolve_settings
+from duoclass.settings.config import TrainConfig
 
 from .conftest import run_cli
 
@@ -28,7 +28,8 @@ def _settings(data: Path, out: Path, **kw) -> TrainConfig:
 
 def test_custom_step_is_used_and_changes_the_gradients(digits: Path, tmp_path: Path) -> None:
     """fit(step=...) runs the given step; a step that doubles the loss doubles every gradient."""
-    from duoclass.engine import fit, standard_step
+    from duoclass.training.loop import fit
+    from duoclass.training.steps import standard_step
 
     cfg = _settings(digits, tmp_path / "a", epochs=1, max_steps=1)
     data = prepare(cfg)
@@ -51,7 +52,7 @@ def test_custom_step_is_used_and_changes_the_gradients(digits: Path, tmp_path: P
 
 def test_batch_source_other_than_the_dataloader_trains(digits: Path, tmp_path: Path) -> None:
     """A batch source that keeps the whole training set as one tensor (as a GPU-resident one would) trains a model."""
-    from duoclass.engine import fit
+    from duoclass.training.loop import fit
 
     cfg = _settings(digits, tmp_path / "run", epochs=4)
     data = prepare(cfg)
@@ -80,7 +81,7 @@ def test_batch_source_other_than_the_dataloader_trains(digits: Path, tmp_path: P
 
 def test_given_model_is_trained(digits: Path, tmp_path: Path) -> None:
     """fit(model=...) trains the module it is given (e.g. a pruned one) instead of building one."""
-    from duoclass.engine import fit
+    from duoclass.training.loop import fit
     from duoclass.models import create_model
 
     cfg = _settings(digits, tmp_path / "run", epochs=1, max_steps=2)
@@ -164,12 +165,12 @@ def test_python_train_logs_every_epoch(digits: Path, tmp_path: Path) -> None:
 
 def test_import_and_help_do_not_import_torch() -> None:
     code = ("import sys, contextlib, io\nimport duoclass\nassert 'torch' not in sys.modules, 'import duoclass'\n"
-            "from duoclass import cli\n"
+            "from duoclass.cli import commands as cli\n"
             "for argv in (['--help'], ['train', '--help'], ['predict', '--help']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()):\n"
             "        try:\n            cli.main(argv)\n        except SystemExit:\n            pass\n"
             "    assert 'torch' not in sys.modules, argv\n"
-            "import duoclass.preprocess, duoclass.predict, duoclass.classifier\n"
+            "import duoclass.preprocess.load, duoclass.preprocess.text, duoclass.infer.predict, duoclass.infer.classifier\n"
             "assert 'torch' not in sys.modules, 'preprocessing'\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
@@ -184,7 +185,7 @@ def test_loading_a_folder_imports_torch(digits_model: Path) -> None:
 
 
 def test_preprocessing_makes_numpy_arrays(digits: Path) -> None:
-    from duoclass.preprocess import ImagePreprocessor
+    from duoclass.preprocess.image import ImagePreprocessor
 
     pre = ImagePreprocessor(16)
     x = pre.load(next((digits / "test").rglob("*.png")))
@@ -198,7 +199,8 @@ def test_no_host_device_sync_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """train_one_epoch reads the loss back once per epoch, not once per step (.item() forces a sync on a GPU)."""
     from torch import nn
 
-    from duoclass.engine import StepContext, train_one_epoch
+    from duoclass.training.steps import StepContext
+    from duoclass.training.loop import train_one_epoch
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     wrapped = type("M", (nn.Module,), {"forward": lambda self, b: model(b["pixel_values"])})()
@@ -248,7 +250,7 @@ def test_text_folder_with_validation_csv_and_renamed_columns(tmp_path: Path) -> 
 def test_character_noise_evaluation(tmp_path: Path) -> None:
     import random
 
-    from duoclass.text_augment import perturb_chars
+    from duoclass.robust.noise import perturb_chars
 
     rng = random.Random(0)
     assert perturb_chars("这家酒店很好 great hotel", 0.0, rng) == "这家酒店很好 great hotel"
@@ -271,7 +273,8 @@ def test_a_step_can_report_metrics_and_stop_the_run(digits: Path, tmp_path: Path
     """step.after_epoch's metrics land in the epoch log; its stop reason ends the run without keeping that epoch."""
     import csv as csv_
 
-    from duoclass.engine import fit, standard_step
+    from duoclass.training.loop import fit
+    from duoclass.training.steps import standard_step
 
     class Watched:
         def __call__(self, ctx, inputs, labels):

@@ -423,7 +423,7 @@ def test_planted_pickle_state_is_refused(trained: tuple[Path, Path], tmp_path: P
 
     import torch
 
-    from duoclass.checkpoint import load_state
+    from duoclass.artifacts.state import load_state
 
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
@@ -448,7 +448,7 @@ def test_planted_pickle_weights_are_refused(trained: tuple[Path, Path], tmp_path
     import pickle
 
     import duoclass
-    from duoclass.checkpoint import config_digest, read_model_folder
+    from duoclass.artifacts.folder import config_digest, read_model_folder
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "model"

@@ -8,18 +8,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
 import duoclass
-from duoclass import checkpoint, cli
-from duoclass.checkpoint import (config_digest, model_folder_config, read_model_config, read_model_folder,
-                                 recover_model_folder, save_model_folder, update_model_folder,
-                                 update_model_folder_metrics)
+from duoclass.artifacts import atomic
+from duoclass.artifacts.state import save_state
+from duoclass.artifacts import folder as checkpoint
+from duoclass.cli import commands as cli
+from duoclass.artifacts.folder import config_digest, model_folder_config, read_model_config, read_model_folder, recover_model_folder, save_model_folder, update_model_folder, update_model_folder_metrics
 from duoclass.errors import DuoclassError
 from duoclass.models import create_model
 
@@ -282,10 +285,111 @@ def test_recover_is_a_no_op_on_a_healthy_or_absent_folder(folder: Path, tmp_path
 
 def test_the_two_rename_swap_gives_the_same_folder(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The path for systems without an atomic exchange (macOS, Windows, some filesystems)."""
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     save(folder, seed=7)
     assert torch.equal(weights_of(folder), weights_of(save(folder.parent / "same", seed=7)))
     assert sorted(p.name for p in folder.parent.iterdir()) == ["model", "same"]
+
+
+def contents(folder: Path) -> dict[str, bytes] | None:
+    """Every file under `folder` (relative path -> bytes); None when there is no folder."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.is_dir() else None
+
+
+class Crash(Exception):
+    """A crash, simulated: raised by a wrapped step of the swap."""
+
+
+def swap_steps(monkeypatch: pytest.MonkeyPatch, run: Path, each: Any) -> list[str]:
+    """Force the two-rename swap and call `each(label, when)` before and after every _rename and _rmtree;
+    returns the labels ('rename model .model.duoclass-old'), and `exchange` when _exchange was asked."""
+    steps: list[str] = []
+    real = {name: getattr(atomic, name) for name in ("_rename", "_rmtree")}
+
+    def no_exchange(a: Path, b: Path) -> bool:
+        steps.append("exchange")
+        return False  # as on macOS, Windows and filesystems without renameat2
+
+    def wrap(name: str) -> Any:
+        def step(*args: Path) -> None:
+            label = " ".join([name.strip("_")] + [os.path.relpath(a, run) for a in args])
+            each(label, "before")
+            steps.append(label)
+            real[name](*args)
+            each(label, "after")
+        return step
+
+    monkeypatch.setattr(atomic, "_exchange", no_exchange)
+    for name in real:
+        monkeypatch.setattr(atomic, name, wrap(name))
+    return steps
+
+
+def test_the_two_rename_swap_keeps_the_old_folder_until_the_new_one_is_in_place(
+        folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: on the two-rename path (no atomic exchange), a kill at the moment of any rename or delete of a
+    save leaves a run folder whose next read gives the old folder complete (before the swap began) or the new
+    one complete (once the old one is parked as .model.duoclass-old), never nothing and never a mix."""
+    run = folder.parent
+    old, new = contents(folder), contents(save(tmp_path / "expected" / "model", seed=2))
+    assert old != new
+    probing: list[bool] = []
+    kills: list[tuple[str, str, str]] = []
+
+    def kill_now(label: str, when: str) -> None:
+        """What a kill at this moment leaves, read the way the next process reads it (on a copy)."""
+        if probing:  # the read below recovers through the same helpers
+            return
+        probing.append(True)
+        n = len(steps)
+        try:
+            copy = tmp_path / f"kill-{len(kills)}" / "run"
+            shutil.copytree(run, copy, symlinks=True)
+            try:
+                read_model_folder(copy / "model")
+                found = contents(copy / "model")
+                got = "old" if found == old else "new" if found == new else f"a mix: {sorted(found or {})}"
+            except DuoclassError as e:
+                got = f"nothing ({e})"
+            expected = "old" if not [s for s in steps if s != "exchange"] else "new"  # the swap has begun
+            kills.append((f"{when} {label}", expected, got))
+        finally:
+            del steps[n:]  # the probe's own recovery is no step of the save
+            probing.clear()
+
+    steps = swap_steps(monkeypatch, run, kill_now)
+    save(folder, seed=2)
+    assert "exchange" in steps and "rename .model.duoclass-new model" in steps  # the two-rename path ran
+    assert kills and all(got == expected for _, expected, got in kills), "\n".join(f"kill {m}: {g} (expected {e})" for m, e, g in kills)
+    assert kills[0][1] == "old" and kills[-1][1] == "new"
+    assert contents(folder) == new and sorted(p.name for p in run.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("after", [0, 1, 2, 3], ids=["before-the-first-step", "after-step-1", "after-step-2", "after-step-3"])
+def test_a_crash_during_the_two_rename_swap_leaves_a_folder_that_reads(
+        folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: int) -> None:
+    """Holds: where there is no atomic exchange, a save that dies (an exception here) before its first
+    rename or delete leaves the old folder; one that dies after any of them (the first rename included)
+    leaves a folder that the next read (recover_folder) gives complete and new; the next save then works."""
+    run = folder.parent
+    old, new = contents(folder), contents(save(tmp_path / "expected" / "model", seed=2))
+    done: list[str] = []
+
+    def counted(label: str, when: str) -> None:
+        if when == "after":
+            done.append(label)
+        if (when == "before" and after == 0 and not done) or (when == "after" and len(done) == after):
+            raise Crash(f"{when} {label}")
+
+    swap_steps(monkeypatch, run, counted)
+    with pytest.raises(Crash):
+        save(folder, seed=2)
+    monkeypatch.undo()  # the next process: the real helpers (the exchange included)
+    read_model_folder(folder)  # recovers first, as every reader
+    assert contents(folder) == (old if after == 0 else new), f"crash after {done}"
+    save(folder, seed=3)
+    assert contents(folder) == contents(save(tmp_path / "expected3" / "model", seed=3))
+    assert sorted(p.name for p in run.iterdir()) == ["model"]
 
 
 # --- permissions ---------------------------------------------------------------------------------
@@ -296,8 +400,8 @@ def test_files_follow_the_umask(tmp_path: Path, umask: int, file_mode: int, dir_
     try:
         folder = save(tmp_path / "run" / "model")
         update_model_folder(folder, files={"tokenizer/vocab.txt": b"a\n"})
-        checkpoint.save_state(tmp_path / "run" / "state.pt", {"epoch": 1})
-        checkpoint.atomic_write_json(tmp_path / "run" / "metrics.json", {})
+        save_state(tmp_path / "run" / "state.pt", {"epoch": 1})
+        atomic.atomic_write_json(tmp_path / "run" / "metrics.json", {})
     finally:
         os.umask(old)
     for p in [tmp_path / "run" / "state.pt", tmp_path / "run" / "metrics.json", *[q for q in folder.rglob("*") if q.is_file()]]:

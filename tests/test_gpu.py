@@ -46,9 +46,9 @@ def test_image_training_on_cuda_with_amp_loads_on_cpu(digits: Path, tmp_path: Pa
 
 def training_dtypes(data: Path, out: Path, device: str, amp: bool) -> set[torch.dtype]:
     """dtypes of the classifier layer's output during the training steps of `engine.fit` (one epoch)."""
-    from duoclass import engine
-    from duoclass.api import prepare, resolve_settings
-    from duoclass.config import TrainConfig
+    from duoclass.training import loop as engine
+    from duoclass.training.run import prepare, resolve_settings
+    from duoclass.settings.config import TrainConfig
     from duoclass.models import create_model
 
     cfg = resolve_settings(TrainConfig(data=str(data), model="msresnet-tiny", image_size=16, epochs=1, batch_size=64,
@@ -102,14 +102,15 @@ def test_text_models_train_on_cuda(model: str, tmp_path: Path) -> None:
 
 
 def test_optimizer_is_fused_on_cuda() -> None:
-    from duoclass import engine
+    from duoclass.training.optim import adam
+    from duoclass.infer.torch_backend import autocast
     from duoclass.models import create_model
 
     model = create_model("msresnet-tiny", 3).cuda()
-    opt = engine.adam(model, 1e-3, 0.05)
+    opt = adam(model, 1e-3, 0.05)
     assert opt.defaults["fused"] is True
     x = torch.rand(4, 3, 16, 16, device="cuda")
-    with engine.autocast(torch.device("cuda"), True):
+    with autocast(torch.device("cuda"), True):
         loss = model({"pixel_values": x}).float().logsumexp(1).mean()
     loss.backward()
     before = [p.detach().clone() for p in model.parameters()]

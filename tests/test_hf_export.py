@@ -17,7 +17,7 @@ import pytest
 
 import duoclass
 from duoclass.errors import DuoclassError
-from duoclass.hf_export import EXPORT_FILE, export_transformers
+from duoclass.compress.transformers import EXPORT_FILE, export_transformers
 
 from .test_text import FAST, make_toy, toy_rows, write_csv
 
@@ -85,7 +85,7 @@ def tiny_cpu_env() -> dict[str, str]:
 def test_transformers_only_script_predicts_duoclass_labels(toy: Path, albert_dir: Path, exported: tuple[Path, dict],
                                                            tmp_path: Path) -> None:
     """A script that imports only transformers labels testa.csv exactly as `duoclass predict` does."""
-    from duoclass.predict import predict_to_csv
+    from duoclass.infer.csv import predict_to_csv
 
     folder, report = exported
     testa = write_csv(tmp_path / "testa.csv", TESTA, header=("id", "text"))
@@ -174,9 +174,9 @@ def test_refuses_models_without_transformers_equivalent(model: str, pooling: str
 
 
 def test_refuses_image_model(tmp_path: Path) -> None:
-    from duoclass.checkpoint import model_folder_config, save_model_folder
+    from duoclass.artifacts.folder import model_folder_config, save_model_folder
     from duoclass.models import create_model
-    from duoclass.preprocess import ImagePreprocessor
+    from duoclass.preprocess.image import ImagePreprocessor
 
     pre = ImagePreprocessor(16)
     args = {"image_size": 16}
@@ -232,6 +232,37 @@ def test_disagreeing_labels_refuse_the_export(albert_dir: Path, tmp_path: Path, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_an_export_interrupted_mid_write_leaves_the_output_as_it_was(albert_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: an export whose writer fails part-way (the weights written, then the tokenizer's save_pretrained
+    raising) leaves the output as it was, absent or an empty folder, with nothing beside it; the files were
+    being written in .NAME.duoclass-new (artifacts.atomic's one folder replace), and the next export succeeds."""
+    import transformers
+
+    seen: list[tuple[str, list[str]]] = []
+
+    def disk_full(self, folder, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        seen.append((Path(folder).name, sorted(p.name for p in Path(folder).iterdir())))
+        (Path(folder) / "tokenizer.json").write_text('{"half', encoding="utf-8")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", disk_full)
+    absent, empty = tmp_path / "absent", tmp_path / "empty"
+    empty.mkdir()
+    for out in (absent, empty):
+        with pytest.raises(OSError, match="No space left on device"):
+            export_transformers(albert_dir, out)
+    assert not absent.exists()
+    assert empty.is_dir() and not any(empty.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert [name for name, _ in seen] == [".absent.duoclass-new", ".empty.duoclass-new"]
+    assert all("model.safetensors" in names for _, names in seen)  # it failed mid-way, the weights written
+    monkeypatch.undo()
+    report = export_transformers(albert_dir, empty)
+    assert report["label_agreement"] == 1.0 and (empty / EXPORT_FILE).is_file() and (empty / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 # --- an hf: model of another family -------------------------------------------------------------------
 def test_hf_bert_folder_exports(toy: Path, tmp_path: Path) -> None:
     """hf:DIR with a tiny random BERT and its WordPiece tokenizer: the export loads as BertForSequenceClassification.
@@ -239,8 +270,8 @@ def test_hf_bert_folder_exports(toy: Path, tmp_path: Path) -> None:
     import torch
     import transformers as tf
 
-    from duoclass.hf_export import FIXED_TEXTS
-    from duoclass.text import train_tokenizer
+    from duoclass.compress.transformers import FIXED_TEXTS
+    from duoclass.training.text_data import train_tokenizer
 
     tok, _ = train_tokenizer([r[1] for r in toy_rows(160, "train", 0)], vocab_size=200)
     tok.save_pretrained(tmp_path / "bert")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from duoclass.errors import DuoclassError
-from duoclass.models import (INPUT_KINDS, available, check_head, count_flops, count_params, create_model, get_spec, input_kind,
-                             model_heads)
+from duoclass.models.base import INPUT_KINDS
+from duoclass.models import available, check_head, count_flops, count_params, create_model, get_spec, input_kind, model_heads
 from duoclass.models.msresnet import MultiScaleBlock
 
 from .conftest import run_cli
@@ -88,7 +88,7 @@ def test_optimizer_is_fused_and_matches_the_loop(monkeypatch) -> None:
     """The engine's AdamW uses the fused kernel on a CPU and takes the same steps as PyTorch's default loop."""
     import copy
 
-    from duoclass import engine
+    from duoclass.training import optim as engine
 
     torch.manual_seed(0)
     base = create_model("tfidf-mlp", 3, vocab_size=500, hidden=16)

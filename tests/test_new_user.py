@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import duoclass
-from duoclass import cli
+from duoclass.cli import commands as cli
 
 from .conftest import run_cli
 from .test_text import FAST, make_toy
@@ -61,7 +61,7 @@ def test_output_to_a_pipe_writes_into_it(tmp_path: Path) -> None:
     import stat
     import threading
 
-    from duoclass.checkpoint import atomic_write_text
+    from duoclass.artifacts.atomic import atomic_write_text
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import duoclass
-from duoclass import cli
+from duoclass.cli import commands as cli
 from duoclass.errors import DuoclassError
 
 from .test_text import make_toy
@@ -94,7 +94,7 @@ def same_predictions(folder: Path, inputs: list, backend: str = "onnx", atol: fl
 
 # --- export -----------------------------------------------------------------------------------
 def test_image_model_exports_and_predicts_as_torch(image_model: Path, digits: Path) -> None:
-    from duoclass.export import export_onnx
+    from duoclass.compress.onnx import export_onnx
 
     r = export_onnx(image_model)
     assert r["exporter"] == "torch.onnx dynamo" and r["opset"] >= 18
@@ -114,7 +114,7 @@ def test_image_model_exports_and_predicts_as_torch(image_model: Path, digits: Pa
 @pytest.mark.parametrize("kind", [k if k in ("tfidf-mlp", "albert-scratch-tiny") else pytest.param(k, marks=SLOW)
                                   for k in TEXT])
 def test_every_text_model_exports_and_predicts_as_torch(kind: str, text_models: dict[str, Path], toy: Path) -> None:
-    from duoclass.export import export_onnx
+    from duoclass.compress.onnx import export_onnx
 
     folder = text_models[kind]
     r = export_onnx(folder)
@@ -123,8 +123,8 @@ def test_every_text_model_exports_and_predicts_as_torch(kind: str, text_models: 
 
 
 def test_export_to_an_output_folder_leaves_the_source_alone(text_models: dict[str, Path], tmp_path: Path) -> None:
-    from duoclass.checkpoint import read_model_config
-    from duoclass.export import export_onnx
+    from duoclass.artifacts.folder import read_model_config
+    from duoclass.compress.onnx import export_onnx
 
     src = tmp_path / "src"
     shutil.copytree(text_models["tfidf-mlp"], src)
@@ -166,7 +166,7 @@ def test_bad_backend_and_missing_variant_are_one_clear_error(tmp_path: Path) -> 
 
 
 def test_exporting_a_folder_with_a_missing_file_is_refused(text_models: dict[str, Path], tmp_path: Path) -> None:
-    from duoclass.export import export_onnx
+    from duoclass.compress.onnx import export_onnx
 
     folder = tmp_path / "broken"
     shutil.copytree(text_models["tfidf-mlp"], folder)
@@ -176,14 +176,14 @@ def test_exporting_a_folder_with_a_missing_file_is_refused(text_models: dict[str
 
 
 def test_export_without_readable_training_data_asks_for_it(image_model: Path, tmp_path: Path, digits: Path) -> None:
-    from duoclass.checkpoint import update_model_folder
-    from duoclass.export import export_onnx
+    from duoclass.artifacts.folder import update_model_folder
+    from duoclass.compress.onnx import export_onnx
 
     folder = tmp_path / "moved"
     shutil.copytree(image_model, folder)
     cfg = json.loads((folder / "config.json").read_text())
     # the folder as it arrives on another machine: the recorded data path does not exist there
-    from duoclass import checkpoint
+    from duoclass.artifacts import folder as checkpoint
 
     base = {k: v for k, v in cfg.items() if k not in ("files", "config_sha256")}
     base["training"] = {**cfg.get("training", {}), "data": str(tmp_path / "elsewhere")}
@@ -197,7 +197,7 @@ def test_export_without_readable_training_data_asks_for_it(image_model: Path, tm
 
 # --- int8 ---------------------------------------------------------------------------------------
 def test_the_format_follows_the_cpu() -> None:
-    from duoclass.quantize import plan
+    from duoclass.compress.quantize import plan
 
     avx2 = plan("dynamic", {"machine": "x86_64", "vnni": False})
     vnni = plan("dynamic", {"machine": "x86_64", "vnni": True})
@@ -213,7 +213,7 @@ def test_the_format_follows_the_cpu() -> None:
 
 
 def test_cpu_features_read_this_machine() -> None:
-    from duoclass.onnx_backend import cpu_features
+    from duoclass.infer.onnx_backend import cpu_features
 
     f = cpu_features()
     if sys.platform.startswith("linux") and f["machine"] == "x86_64":
@@ -226,8 +226,8 @@ def test_int8_is_written_only_when_it_passes(text_models: dict[str, Path], tmp_p
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever this CPU measures, the outcome agrees with the measurements: written when int8 is faster
     and within the accuracy budget, else nothing written and the error names the failed test."""
-    from duoclass.checkpoint import read_model_config
-    from duoclass.quantize import quantize_model_folder
+    from duoclass.artifacts.folder import read_model_config
+    from duoclass.compress.quantize import quantize_model_folder
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -261,7 +261,7 @@ def test_int8_is_written_only_when_it_passes(text_models: dict[str, Path], tmp_p
 
 
 def test_quantizing_twice_is_refused(text_models: dict[str, Path], tmp_path: Path) -> None:
-    from duoclass.quantize import quantize_model_folder
+    from duoclass.compress.quantize import quantize_model_folder
 
     folder = tmp_path / "twice"
     shutil.copytree(text_models["tfidf-mlp"], folder)
@@ -270,7 +270,7 @@ def test_quantizing_twice_is_refused(text_models: dict[str, Path], tmp_path: Pat
         quantize_model_folder(folder)
     # an fp32 slot that holds an int8 graph is refused too
     cfg = json.loads((folder / "config.json").read_text())
-    from duoclass import checkpoint
+    from duoclass.artifacts import folder as checkpoint
 
     blobs = {rel: (folder / rel).read_bytes() for rel in cfg["files"]}
     blobs["variants/onnx/model.onnx"] = blobs["variants/onnx-int8/model.onnx"]
@@ -283,7 +283,7 @@ def test_quantizing_twice_is_refused(text_models: dict[str, Path], tmp_path: Pat
 
 
 def test_quantize_settings_errors(text_models: dict[str, Path]) -> None:
-    from duoclass.quantize import quantize_model_folder
+    from duoclass.compress.quantize import quantize_model_folder
 
     with pytest.raises(DuoclassError, match=r"--method fp8: unknown; choose one of: dynamic, static"):
         quantize_model_folder(text_models["tfidf-mlp"], method="fp8")
@@ -292,7 +292,7 @@ def test_quantize_settings_errors(text_models: dict[str, Path]) -> None:
 
 
 def test_static_int8_on_an_image_model(image_model: Path, tmp_path: Path) -> None:
-    from duoclass.quantize import quantize_model_folder
+    from duoclass.compress.quantize import quantize_model_folder
 
     folder = tmp_path / "static"
     shutil.copytree(image_model, folder)
@@ -300,6 +300,226 @@ def test_static_int8_on_an_image_model(image_model: Path, tmp_path: Path) -> Non
     assert r["settings"]["method"] == "static" and r["settings"]["quant_format"] == "QDQ"
     assert r["int8_bytes"] < r["fp32_bytes"]
     assert r["examples"] > 0 and 0 <= r["int8"]["accuracy"] <= 1
+
+
+# --- the safety gates, driven to their failing branch on purpose ---------------------------------
+@pytest.fixture(scope="module")
+def separating_mlp(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tfidf-mlp trained until it separates the toy task (test accuracy 1.0, class margins far wider than
+    int8's error), not at chance, so an int8 model that predicts worse measurably loses accuracy. No ONNX variant."""
+    return train(tmp_path_factory, "onnx-gates-mlp", toy, model="tfidf-mlp", epochs=6, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def separating_mlp_onnx(separating_mlp: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """separating_mlp with its fp32 ONNX variant, ready for `quantize`."""
+    from duoclass.compress.onnx import export_onnx
+
+    folder = tmp_path_factory.mktemp("onnx-gates-mlp-onnx") / "model"
+    shutil.copytree(separating_mlp, folder)
+    export_onnx(folder)
+    return folder
+
+
+def folder_bytes(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def add_to_logits(path: Path, offset: float) -> None:
+    """Edit the ONNX file at `path` in place: its logits output becomes the graph's logits + `offset`."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    out = m.graph.output[0].name
+    for node in m.graph.node:
+        for i, name in enumerate(node.output):
+            if name == out:
+                node.output[i] = out + "_unedited"
+    m.graph.initializer.append(numpy_helper.from_array(np.array(offset, dtype=np.float32), "test_offset"))
+    m.graph.node.append(helper.make_node("Add", [out + "_unedited", "test_offset"], [out]))
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+REFUSED = r"the ONNX graph's logits differ from torch's by 0\.01 \(limit 0\.001\) on \d+ inputs; nothing was written"
+
+
+def test_export_refuses_onnx_logits_off_by_1e_2(separating_mlp: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: an ONNX side whose logits differ from torch's by 1e-2 (ten times the 1e-3 tolerance) is refused
+    with one clear DuoclassError, and nothing is written to the model folder."""
+    from duoclass.compress.onnx import export_onnx
+    from duoclass.infer.onnx_backend import OnnxBackend
+
+    folder = tmp_path / "m"
+    shutil.copytree(separating_mlp, folder)
+    before = folder_bytes(folder)
+    real = OnnxBackend.run
+    monkeypatch.setattr(OnnxBackend, "run", lambda self, inputs: real(self, inputs) + np.float32(1e-2))
+    with pytest.raises(DuoclassError, match=REFUSED):
+        export_onnx(folder)
+    assert folder_bytes(folder) == before and not (folder / "variants").exists()
+
+
+def test_export_refuses_an_edited_graph(separating_mlp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: parity runs the exported ONNX file itself against torch: a graph edited after export to add 1e-2
+    to its logits is refused, nothing written (a parity that compared torch with torch would pass it)."""
+    from duoclass.compress import onnx as export
+
+    real = export.export_graph
+
+    def edited(model, names, example, path, text):
+        how = real(model, names, example, path, text)
+        add_to_logits(path, 1e-2)
+        return how
+
+    monkeypatch.setattr(export, "export_graph", edited)
+    folder = tmp_path / "m"
+    shutil.copytree(separating_mlp, folder)
+    before = folder_bytes(folder)
+    with pytest.raises(DuoclassError, match=REFUSED):
+        export.export_onnx(folder)
+    assert folder_bytes(folder) == before and not (folder / "variants").exists()
+
+
+def test_recorded_parity_is_the_onnx_graphs_own_difference(separating_mlp: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: the parity recorded in config.json and parity.json is the ONNX graph against torch: on the very
+    batches it checked, ONNX Runtime running the written model.onnx and the torch model differ by exactly the
+    recorded max |logit difference|, which is above 0 (torch against itself would record 0)."""
+    import onnxruntime as ort
+
+    from duoclass.compress import onnx as export
+
+    seen: list[list[dict[str, np.ndarray]]] = []
+    real = export.parity
+    monkeypatch.setattr(export, "parity", lambda t, o, b: (seen.append(b), real(t, o, b))[1])
+    folder = tmp_path / "m"
+    shutil.copytree(separating_mlp, folder)
+    p = export.export_onnx(folder)["parity"]
+    assert len(seen) == 1 and p["examples"] == sum(len(next(iter(b.values()))) for b in seen[0])
+    assert json.loads((folder / "variants/onnx/parity.json").read_text()) == p
+    assert json.loads((folder / "config.json").read_text())["variants"]["onnx"]["parity"] == p
+    session = ort.InferenceSession(str(folder / "variants/onnx/model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    torch_model = duoclass.load(folder, device="cpu").backend
+    diff, agree, scale = 0.0, 0, 0.0
+    for b in seen[0]:
+        a = torch_model.run(b)
+        o = session.run(None, {k: b[k] for k in names})[0]
+        diff = max(diff, float(np.max(np.abs(a - o))))
+        agree += int((a.argmax(1) == o.argmax(1)).sum())
+        scale = max(scale, float(np.max(np.abs(a))))
+    assert diff > 0, "ONNX Runtime and torch agree to the last bit here; this test cannot tell them apart"
+    assert p["max_abs_logit_diff"] == pytest.approx(diff, rel=1e-3) and p["max_abs_logit_diff"] > 0
+    assert p["label_agreement"] == agree / p["examples"] == 1.0
+    assert p["max_abs_logit"] == pytest.approx(scale, rel=1e-6)
+
+
+def force_speedup(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
+    """Make quantize's timing report int8 at `factor` times fp32's measured throughput."""
+    from duoclass.compress import quantize
+
+    real = quantize.measure_speed
+
+    def measured(backends, *args, **kw):
+        out = real(backends, *args, **kw)
+        out["int8"]["items_per_s"] = out["fp32"]["items_per_s"] * factor
+        return out
+
+    monkeypatch.setattr(quantize, "measure_speed", measured)
+
+
+def force_worse_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the int8 model predict worse: the first row of each batch it runs gets its two logits swapped."""
+    from duoclass.infer.onnx_backend import OnnxBackend
+
+    real = OnnxBackend.run
+
+    def run(self, inputs):
+        logits = real(self, inputs)
+        if self.name == "onnx-int8":
+            logits = logits.copy()
+            logits[0] = logits[0, ::-1]
+        return logits
+
+    monkeypatch.setattr(OnnxBackend, "run", run)
+
+
+def test_int8_measured_slower_is_refused(separating_mlp_onnx: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: an int8 model measured slower than fp32 (0.5x) is not written: the folder is unchanged and the
+    error names the speed test (and not the accuracy test, which it passes)."""
+    from duoclass.compress.quantize import quantize_model_folder
+
+    folder = tmp_path / "m"
+    shutil.copytree(separating_mlp_onnx, folder)
+    before = folder_bytes(folder)
+    force_speedup(monkeypatch, 0.5)
+    with pytest.raises(DuoclassError, match=r"int8 model not written: int8 is not faster on this CPU \(.* items/s at "
+                                            r"batch 32, 0\.50x; it must reach 1\.05x\)\. Pass --force") as e:
+        quantize_model_folder(folder, method="dynamic", max_accuracy_drop=0.5)
+    assert "accuracy" not in str(e.value)
+    assert folder_bytes(folder) == before and not (folder / "variants/onnx-int8").exists()
+
+
+def test_int8_measured_worse_is_refused(separating_mlp_onnx: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: an int8 model that loses more than --max-accuracy-drop points of accuracy is not written, even
+    when it is faster: the folder is unchanged and the error names the accuracy test (and not the speed test)."""
+    from duoclass.compress.quantize import quantize_model_folder
+
+    folder = tmp_path / "m"
+    shutil.copytree(separating_mlp_onnx, folder)
+    before = folder_bytes(folder)
+    force_speedup(monkeypatch, 2.0)
+    force_worse_int8(monkeypatch)
+    with pytest.raises(DuoclassError, match=r"int8 model not written: int8 loses \d+\.\d\d points of accuracy "
+                                            r"\(1\.0000 -> 0\.9\d+\), more than --max-accuracy-drop 0\.5\. Pass --force") as e:
+        quantize_model_folder(folder, method="dynamic", max_accuracy_drop=0.5)
+    assert "not faster" not in str(e.value)
+    assert folder_bytes(folder) == before and not (folder / "variants/onnx-int8").exists()
+
+
+def test_int8_faster_and_no_worse_is_written(separating_mlp_onnx: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: an int8 model measured faster (2x) and no less accurate is written to variants/onnx-int8 and
+    recorded as passed, not forced; the folder then runs on the int8 backend."""
+    from duoclass.artifacts.folder import read_model_config
+    from duoclass.compress.quantize import INT8_PATH, REPORT_PATH, is_quantized, quantize_model_folder
+
+    folder = tmp_path / "m"
+    shutil.copytree(separating_mlp_onnx, folder)
+    force_speedup(monkeypatch, 2.0)
+    r = quantize_model_folder(folder, method="dynamic", max_accuracy_drop=0.5)
+    assert r["passed"] and not r["forced"] and r["speedup"] == pytest.approx(2.0)
+    assert r["fp32"]["accuracy"] == r["int8"]["accuracy"] == 1.0 and r["accuracy_drop_points"] == 0
+    rec = read_model_config(folder)["variants"]["onnx-int8"]
+    assert rec["path"] == INT8_PATH and rec["measured"]["passed"] and not rec["measured"]["forced"]
+    assert is_quantized(folder / INT8_PATH)
+    report = json.loads((folder / REPORT_PATH).read_text())
+    assert report["passed"] and not report["forced"] and report["speedup"] == pytest.approx(2.0)
+    assert duoclass.load(folder, backend="onnx-int8").predict(["a good film", "an awful plot"]) == ["pos", "neg"]
+
+
+def test_forced_int8_is_written_and_recorded_as_forced(separating_mlp_onnx: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: --force writes an int8 model that failed its tests (here measured slower and worse), and records
+    in config.json and report.json that it did not pass and was forced."""
+    from duoclass.artifacts.folder import read_model_config
+    from duoclass.compress.quantize import INT8_PATH, REPORT_PATH, quantize_model_folder
+
+    folder = tmp_path / "m"
+    shutil.copytree(separating_mlp_onnx, folder)
+    force_speedup(monkeypatch, 0.5)
+    force_worse_int8(monkeypatch)
+    r = quantize_model_folder(folder, method="dynamic", max_accuracy_drop=0.5, force=True)
+    assert r["forced"] and not r["passed"] and r["speedup"] == pytest.approx(0.5) and r["accuracy_drop_points"] > 0.5
+    rec = read_model_config(folder)["variants"]["onnx-int8"]
+    assert rec["measured"]["forced"] and not rec["measured"]["passed"] and (folder / INT8_PATH).is_file()
+    report = json.loads((folder / REPORT_PATH).read_text())
+    assert report["forced"] and not report["passed"]
 
 
 # --- a machine without torch ----------------------------------------------------------------------
@@ -338,10 +558,10 @@ print(json.dumps([[r.label, None if r.probs is None else r.probs.tolist(), r.err
 @pytest.mark.parametrize("kind", ["image", "albert-scratch-tiny", pytest.param("tfidf-mlp", marks=SLOW)])
 def test_the_exported_folder_runs_without_torch(kind: str, torch_free_python: Path, image_model: Path,
                                                 text_models: dict[str, Path], digits: Path, toy: Path) -> None:
-    from duoclass.export import export_onnx
+    from duoclass.compress.onnx import export_onnx
 
     folder = image_model if kind == "image" else text_models[kind]
-    from duoclass.checkpoint import read_model_config
+    from duoclass.artifacts.folder import read_model_config
 
     if "onnx" not in read_model_config(folder).get("variants", {}):
         export_onnx(folder)

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import duoclass
-from duoclass.checkpoint import model_folder_config, read_model_folder, save_model_folder
+from duoclass.artifacts.folder import model_folder_config, read_model_folder, save_model_folder
 from duoclass.errors import DuoclassError
 from duoclass.models import count_flops, count_params, create_model
 from duoclass.models.msresnet import SIZES, channel_plan, default_plan
-from duoclass.prune import format_report, kept_count, prune_model_folder, prune_msresnet
+from duoclass.compress.prune import format_report, kept_count, prune_model_folder, prune_msresnet
 
 pytestmark = pytest.mark.timeout(300)
 

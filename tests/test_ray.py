@@ -19,8 +19,8 @@ pd = pytest.importorskip("pandas")
 
 import duoclass  # noqa: E402
 from duoclass.errors import DuoclassError  # noqa: E402
-from duoclass.predict import predict_to_csv  # noqa: E402
-from duoclass.ray_predict import predict_dataset, predict_to_csv_ray  # noqa: E402
+from duoclass.infer.csv import predict_to_csv  # noqa: E402
+from duoclass.infer.ray import predict_dataset, predict_to_csv_ray  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
 from .test_robust_eval import FAST, digits_model, text_model, toy_text  # noqa: E402,F401  (shared fixtures)
@@ -171,7 +171,7 @@ def test_cli_engine_ray_starts_its_own_ray(text_model: duoclass.Classifier, text
 def test_ray_on_the_onnx_backend(local_ray: Any, text_model: duoclass.Classifier, texts_csv: Path,
                                  tmp_path: Path) -> None:
     """The workers run the folder's ONNX variant (no torch in the model's path) and write local predict's CSV."""
-    from duoclass.export import export_onnx
+    from duoclass.compress.onnx import export_onnx
 
     folder = tmp_path / "model"
     shutil.copytree(text_model.folder, folder)

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from duoclass.checkpoint import atomic_write_bytes, load_state
+from duoclass.artifacts.atomic import atomic_write_bytes
+from duoclass.artifacts.state import load_state
 
 from .conftest import ROOT, run_cli
 from .test_text import make_toy
@@ -92,7 +93,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
     class Boom(Exception):
         pass
 
-    from duoclass.checkpoint import atomic_write
+    from duoclass.artifacts.atomic import atomic_write
 
     def half(f):  # noqa: ANN001
         f.write(b"new but torn")
@@ -104,6 +105,66 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temp file left behind
 
 
+class _Payload:
+    """Unpickling this runs `open(marker, "w")`: what a planted state.pt would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+LOAD_UNSAFE_DEFAULT = """
+import sys, torch
+from duoclass.artifacts.state import load_state
+from duoclass.errors import DuoclassError
+
+control, *states = sys.argv[1:]
+torch.load(control)  # torch's default here: weights_only=False, so this one runs its payload
+for path in states:
+    try:
+        load_state(path)
+    except DuoclassError as e:
+        print("refused", e)
+    else:
+        print("loaded", path)
+"""
+
+
+def test_a_planted_pickle_state_is_refused_whatever_torchs_default(tmp_path: Path) -> None:
+    """Holds: load_state refuses a state.pt whose pickle would run code, and runs none of it, even where
+    torch.load defaults to weights_only=False (torch < 2.6, which pyproject allows; here forced with
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in a subprocess): it passes weights_only=True itself."""
+    import pickle
+
+    import torch
+
+    control = tmp_path / "control.pt"
+    torch.save({"model": _Payload(tmp_path / "control-ran")}, control)
+    states = []
+    for how in ("torch.save", "raw pickle"):
+        path = tmp_path / how.replace(" ", "-") / "state.pt"
+        path.parent.mkdir()
+        state = {"epoch": 1, "model": _Payload(tmp_path / f"{path.parent.name}-ran")}
+        if how == "torch.save":
+            torch.save(state, path)
+        else:
+            path.write_bytes(pickle.dumps(state))
+        states.append(path)
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)  # torch refuses both at once
+    r = subprocess.run([sys.executable, "-c", LOAD_UNSAFE_DEFAULT, str(control), *map(str, states)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "control-ran").is_file(), "the switch did not make torch.load unsafe: this test would prove nothing"
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout
+    for path, line in zip(states, lines):
+        assert line.startswith(f"refused {path}: training state is unreadable"), line
+        assert not (tmp_path / f"{path.parent.name}-ran").exists(), f"{path}: its payload ran"
+
+
 # --- a kill at each step of a model-folder save ----------------------------------------------
 TEXT_ARGS = ["--model", "tfidf-mlp", "--epochs", "3", "--batch-size", "16", "--lr", "0.01"]
 IMAGE_ARGS = ["--model", "msresnet-tiny", "--image-size", "16", "--epochs", "3", "--batch-size", "16", "--lr", "0.003"]
@@ -112,7 +173,7 @@ COMMON = ["--deterministic", "--device", "cpu", "--seed", "0", "--workers", "0",
 # A 3-epoch run on data it fits at once saves its folder after every epoch (a tie keeps the later
 # epoch) and once more for the final metrics: saves 1, 2, 3 and 4. Save 1 has no folder to replace
 # and no state.pt to resume from yet; save 2 replaces a folder mid-run; save 4 is
-# update_model_folder_metrics after the last epoch. Each step is a helper of checkpoint._replace_folder
+# update_model_folder_metrics after the last epoch. Each step is a helper of artifacts.atomic.replace_folder
 # (or an os.fsync inside one), killed just before it runs; "done" kills right after the save.
 # Swap "exchange" is the one-step swap of Linux; "rename" the two renames used where there is none.
 TEXT_FILES = ["model.safetensors", "metrics.json", "ngrams.json", "config.json"]
@@ -138,7 +199,7 @@ def expected_folder(steps: list[str], i: int, first: bool = False) -> str:
 
 def exchange_works(where: Path) -> bool:
     """Whether this OS and filesystem swap two folders in one step (else saves use two renames)."""
-    from duoclass.checkpoint import _exchange
+    from duoclass.artifacts.atomic import _exchange
 
     (where / "a").mkdir(parents=True)
     (where / "b").mkdir()
@@ -174,7 +235,9 @@ def fault_driver(plan_path: str) -> None:
     import shutil
 
     import duoclass
-    from duoclass import checkpoint, cli
+    from duoclass.artifacts import atomic
+    from duoclass.artifacts import folder as checkpoint
+    from duoclass.cli import commands as cli
 
     plan = json.loads(Path(plan_path).read_text())
     root, train = Path(plan["root"]), plan["train"]
@@ -194,14 +257,14 @@ def fault_driver(plan_path: str) -> None:
         return step
 
     for name in ("_mkdir", "_write_file", "_rename", "_exchange", "_rmtree"):
-        setattr(checkpoint, name, counted(name, getattr(checkpoint, name)))
+        setattr(atomic, name, counted(name, getattr(atomic, name)))
     os.fsync = counted("fsync", os.fsync)
-    replace = checkpoint._replace_folder
+    replace = checkpoint.replace_folder
 
-    def replace_counted(folder: Path, blobs: dict) -> None:
+    def replace_counted(folder: Path, blobs: dict, verifies) -> None:
         box["save"] += 1
         box["step"] = 0
-        replace(folder, blobs)
+        replace(folder, blobs, verifies)
         if box["kill"] == [box["save"], box["step"]]:
             os._exit(137)
         box["steps"].setdefault(box["save"], []).append("done")
@@ -209,7 +272,7 @@ def fault_driver(plan_path: str) -> None:
         if box["run"] == ref:  # the reference keeps the folder as each save left it
             shutil.copytree(folder, root / "ref" / f"after-save-{box['save']}")
 
-    checkpoint._replace_folder = replace_counted
+    checkpoint.replace_folder = replace_counted
 
     def fork(argv: list[str], run: Path, log: Path, kill: list[int] | None = None, swap: str = "exchange") -> int:
         pid = os.fork()

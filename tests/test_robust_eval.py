@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import duoclass
-from duoclass import cli
+from duoclass.cli import commands as cli
 from duoclass.errors import DuoclassError
 
 from .test_text import make_toy
@@ -83,6 +83,24 @@ def test_clean_accuracy_and_skips_match_evaluate(digits_model: duoclass.Classifi
     assert 0 < r["clean_accuracy"] < 1  # a model that gives the other tests something to attack
 
 
+def test_clean_accuracy_matches_evaluate_with_test_time_augmentation(digits: Path, small: Path,
+                                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Holds: robust evaluation classifies through the one predict path, so on a model evaluated with --tta
+    its clean accuracy is evaluate's (it used to run the bare module, without the flip, and disagree)."""
+    from duoclass.robust.evaluate import read_labelled_images, robust_accuracy
+
+    clf = trained(tmp_path_factory, "digits-tta", digits,
+                  model="msresnet-tiny", image_size=16, epochs=2, augment="none", tta=True)
+    assert clf.tta
+    m = clf.evaluate(small)
+    r = clf.evaluate_robust(small, attack="fgsm", eps=[0], steps=None)
+    assert r["clean_accuracy"] == pytest.approx(m["accuracy"], abs=1e-12)
+    assert r["results"][0]["accuracy"] == r["clean_accuracy"]
+    # the bare module (no flip) scores otherwise on these images: the check above can fail
+    bare = robust_accuracy(clf.model, read_labelled_images(clf, small, "test"), "fgsm", [(0.0, "0")])
+    assert bare["clean_accuracy"] != pytest.approx(m["accuracy"], abs=1e-12)
+
+
 def test_robust_not_above_clean_and_pgd_not_above_fgsm(digits_model: duoclass.Classifier, small: Path) -> None:
     eps = ["1/255", "8/255", "32/255"]
     f = digits_model.evaluate_robust(small, attack="fgsm", eps=eps)
@@ -109,7 +127,7 @@ class Bowl(nn.Module):
 
 
 def test_misclassified_clean_counts_as_wrong() -> None:
-    from duoclass.robust_eval import LabelledImages, robust_accuracy
+    from duoclass.robust.evaluate import LabelledImages, robust_accuracy
 
     pixels = np.full((1, 3, 4, 4), 133, dtype=np.uint8)  # x0 = 0.52
     r = robust_accuracy(Bowl(), LabelledImages(pixels, np.array([0]), ["x"], 0), "fgsm", [(0.1, "0.1")])
@@ -129,7 +147,7 @@ def test_result_shape(digits_model: duoclass.Classifier, small: Path) -> None:
 
 
 def test_max_examples_spreads_over_the_classes(digits_model: duoclass.Classifier, small: Path) -> None:
-    from duoclass.robust_eval import read_labelled_images
+    from duoclass.robust.evaluate import read_labelled_images
 
     imgs = read_labelled_images(digits_model, small, "test", max_examples=10)
     assert len(imgs.labels) == 10 and len(set(imgs.labels.tolist())) == 10  # the folder lists images class by class
@@ -234,7 +252,7 @@ def test_image_model_on_text_data_is_one_error(digits_model: duoclass.Classifier
 
 def test_plot_draws_every_attack(tmp_path: Path) -> None:
     """One line per attack, each from its clean accuracy at eps 0, eps in 1/255 units; the PNG is written."""
-    from duoclass.robust_eval import plot_robustness, robustness_figure
+    from duoclass.robust.evaluate import plot_robustness, robustness_figure
 
     row = lambda e, a: {"eps": e, "eps_text": str(e), "accuracy": a}  # noqa: E731
     robust = [{"attack": "pgd", "clean_accuracy": 0.9, "examples": 5, "results": [row(4 / 255, 0.5), row(8 / 255, 0.1)]},
@@ -254,7 +272,7 @@ def test_autoattack_on_a_two_class_model() -> None:
     it still finds no more robust accuracy than PGD, and the record says which attacks ran."""
     pytest.importorskip("torchattacks")
     from duoclass.models import create_model
-    from duoclass.robust_eval import LabelledImages, robust_accuracy
+    from duoclass.robust.evaluate import LabelledImages, robust_accuracy
 
     torch.manual_seed(0)
     model = create_model("msresnet-tiny", 2, image_size=16).eval()
@@ -270,7 +288,7 @@ def test_autoattack_on_a_two_class_model() -> None:
 
 
 def test_autoattack_components_follow_the_class_count() -> None:
-    from duoclass.robust_eval import attack_settings
+    from duoclass.robust.evaluate import attack_settings
 
     assert attack_settings("autoattack", None, 2)["components"] == ["apgd-ce", "fab", "square"]
     assert attack_settings("autoattack", None, 3)["components"] == ["apgd-ce", "fab", "square"]

@@ -38,7 +38,9 @@ import uvicorn  # noqa: E402
 
 import duoclass  # noqa: E402
 from duoclass.errors import DuoclassError  # noqa: E402
-from duoclass.serve import ServeSettings, add_arguments, create_app, parse_model_args, settings_from_args  # noqa: E402
+from duoclass.serve.settings import ServeSettings, add_arguments, settings_from_args
+from duoclass.serve.app import create_app
+from duoclass.serve.cards import parse_model_args  # noqa: E402
 
 from .test_robust_eval import trained  # noqa: E402
 from .test_text import make_toy  # noqa: E402
@@ -419,8 +421,8 @@ def test_model_names_and_settings(tmp_path: Path, image_clf: duoclass.Classifier
 
 def test_import_stays_light() -> None:
     """`import duoclass` loads no server code, and the serve module (the CLI's flags) loads no FastAPI or torch."""
-    code = ("import sys, duoclass; assert 'duoclass.serve' not in sys.modules and 'fastapi' not in sys.modules; "
-            "import duoclass.serve; bad = [m for m in ('fastapi', 'torch', 'uvicorn', 'numpy') if m in sys.modules]; "
+    code = ("import sys, duoclass; assert 'duoclass.serve.app' not in sys.modules and 'fastapi' not in sys.modules; "
+            "import duoclass.serve.app; bad = [m for m in ('fastapi', 'torch', 'uvicorn', 'numpy') if m in sys.modules]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -520,7 +522,8 @@ def test_metrics_parse_and_count(client: httpx.Client, pngs: list[bytes]) -> Non
     for _ in range(3):
         assert client.post(predict_url(TEXT), json={"text": "good"}).status_code == 200
     assert client.post(predict_url(IMAGE), files={"file": ("x.png", b"GIF89a-broken", "image/gif")}).status_code == 422
-    assert client.post(predict_url(TEXT), json={"text": ""}).status_code == 422
+    lone = client.post(predict_url(TEXT), content=b'{"text": "\\ud800"}', headers={"Content-Type": "application/json"})
+    assert lone.status_code == 400 and "not valid JSON" in lone.json()["error"], lone.text
     text = client.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}  # parses: the format is valid
     assert {"duoclass_http_requests", "duoclass_http_request_duration_seconds", "duoclass_batch_size",
@@ -531,8 +534,9 @@ def test_metrics_parse_and_count(client: httpx.Client, pngs: list[bytes]) -> Non
         return metric(text, name, **labels) - metric(before, name, **labels)
 
     assert delta("duoclass_http_requests_total", method="POST", route=route, status="200") == 3
-    assert delta("duoclass_http_requests_total", method="POST", route=route, status="422") == 2
-    assert delta("duoclass_errors_total", kind="bad_image") == 1 and delta("duoclass_errors_total", kind="bad_text") == 1
+    assert delta("duoclass_http_requests_total", method="POST", route=route, status="422") == 1
+    assert delta("duoclass_http_requests_total", method="POST", route=route, status="400") == 1
+    assert delta("duoclass_errors_total", kind="bad_image") == 1 and delta("duoclass_errors_total", kind="invalid_request") == 1
     assert delta("duoclass_predict_items_total", model=TEXT, outcome="ok") == 3
     assert delta("duoclass_http_request_duration_seconds_count", route=route) == 5
     assert metric(text, "duoclass_model_info", model=IMAGE, task="image", backend="torch") == 1
@@ -676,7 +680,7 @@ def test_onnx_backend_serves_the_same_answers(text_clf: duoclass.Classifier, tmp
     """--backend onnx serves the folder's ONNX variant, with the torch backend's labels and scores."""
     import shutil
 
-    from duoclass.export import export_onnx
+    from duoclass.compress.onnx import export_onnx
 
     folder = tmp_path / "model"
     shutil.copytree(text_clf.folder, folder)
@@ -688,3 +692,50 @@ def test_onnx_backend_serves_the_same_answers(text_clf: duoclass.Classifier, tmp
         assert r.status_code == 200, r.text
         for got, exp in zip(r.json()["predictions"], expected):
             assert_same(got, exp, 2)
+
+
+def test_a_batch_that_raises_is_retried_item_by_item(server: Server, text_clf: duoclass.Classifier) -> None:
+    """Holds: when the model raises for a whole micro-batch (a bug, not a bad input), the worker retries each item
+    alone, so every request of that batch is still answered 200 with Classifier.predict's labels.
+
+    The backend raises once, on the first call with more than one item; the call log shows the failed batch of
+    all the queued texts, then one call per text."""
+    worker = server.worker(TEXT)
+    backend = worker.clf.backend
+    real = backend.run
+    calls: list[int] = []  # batch size of every backend call, in order
+    raised = threading.Event()
+
+    def flaky(inputs: Any) -> Any:
+        size = len(inputs["input_ids"])
+        calls.append(size)
+        if size > 1 and not raised.is_set():
+            raised.set()
+            raise RuntimeError("injected failure of the whole batch")
+        return real(inputs)
+
+    expected = text_clf.predict_results(TEXTS, top_k=2)
+
+    async def burst() -> tuple[list[httpx.Response], httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
+            with Gate(worker) as gate:  # Gate calls flaky once the gate opens
+                blocker = asyncio.create_task(c.post(predict_url(TEXT), json={"text": "held"}))
+                await asyncio.to_thread(gate.entered.wait, 30)
+                tasks = [asyncio.create_task(c.post(predict_url(TEXT), json={"text": t, "top_k": 2})) for t in TEXTS]
+                await gate.until_queued(len(TEXTS))
+                gate.opened.set()
+                return list(await asyncio.gather(*tasks)), await blocker
+
+    backend.run = flaky
+    try:
+        responses, blocked = asyncio.run(burst())
+    finally:
+        backend.run = real
+    assert blocked.status_code == 200, blocked.text
+    assert [r.status_code for r in responses] == [200] * len(TEXTS), [r.text for r in responses]
+    for r, exp in zip(responses, expected):
+        (got,) = r.json()["predictions"]
+        assert_same(got, exp, 2)
+    assert raised.is_set()
+    # the held text alone, the whole queued batch (which raised), then each queued text alone
+    assert calls == [1, len(TEXTS)] + [1] * len(TEXTS), calls

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import duoclass
-from duoclass import cli
+from duoclass.cli import commands as cli
 from duoclass.errors import DuoclassError
 from duoclass.models import available, count_params, create_model
 
@@ -142,7 +142,7 @@ def test_albert_train_save_load_predict(albert: duoclass.Classifier, toy: Path, 
     assert out.read_text(encoding="utf-8").splitlines()[0] == "id,label"
 
     # no id column: 0-based row numbers; --top-k adds probability and top_k
-    from duoclass.predict import predict_to_csv
+    from duoclass.infer.csv import predict_to_csv
 
     write_csv(tmp_path / "plain.csv", [("lovely acting",), ("dreadful story",)], header=("text",))
     predict_to_csv(clf, tmp_path / "plain.csv", tmp_path / "plain_out.csv", top_k=2)
@@ -161,7 +161,7 @@ def test_tfidf_weights_match_scikit_learn() -> None:
     """ngram-vocab batches carry scikit-learn's sublinear, smoothed-IDF, L2-normalised TF-IDF of our n-grams."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from duoclass.text import TextPreprocessor, build_ngram_vocab, ngram_features
+    from duoclass.preprocess.text import TextPreprocessor, build_ngram_vocab, ngram_features
 
     texts = [r[1] for r in toy_rows(40, "v", 5)] + ["这家酒店很好，很好，服务不错", "房间太小了"]
     ngrams = build_ngram_vocab(texts)
@@ -209,7 +209,7 @@ def test_tfidf_mlp_train_folder_load(toy: Path, tmp_path: Path, capsys: pytest.C
     # ... and a damaged one whose hash was updated too is still an error, not a traceback
     import hashlib
 
-    from duoclass.checkpoint import config_digest
+    from duoclass.artifacts.folder import config_digest
 
     for bad in ("[1, 2]", '{"features": ["w a"], "idf": []}', "not json"):
         (folder / "ngrams.json").write_text(bad, encoding="utf-8")
@@ -221,20 +221,20 @@ def test_tfidf_mlp_train_folder_load(toy: Path, tmp_path: Path, capsys: pytest.C
 
 
 def test_ngram_vocab_min_df_and_word_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from duoclass import preprocess, text
-    from duoclass.api import prepare, resolve_settings
-    from duoclass.config import TrainConfig
+    from duoclass.preprocess import text as preprocess
+    from duoclass.training.run import prepare, resolve_settings
+    from duoclass.settings.config import TrainConfig
 
     texts = ["alpha beta gamma", "alpha beta delta", "epsilon zeta"]
-    assert text.build_ngram_vocab(texts)["min_df"] == 1  # under MIN_VOCAB n-grams occur twice: keep all
+    assert preprocess.build_ngram_vocab(texts)["min_df"] == 1  # under MIN_VOCAB n-grams occur twice: keep all
     monkeypatch.setattr(preprocess, "MIN_VOCAB", 2)
-    v = text.build_ngram_vocab(texts)  # "w alpha", "w beta", "b alpha beta" (and char n-grams) occur twice
+    v = preprocess.build_ngram_vocab(texts)  # "w alpha", "w beta", "b alpha beta" (and char n-grams) occur twice
     assert v["min_df"] == 2 and {"w alpha", "w beta", "b alpha beta"} <= set(v["features"])
     assert "w gamma" not in v["features"] and "w epsilon" not in v["features"]
     assert v["features"][0] == "c eta"  # most frequent first: in beta (twice) and zeta, 3 texts
     monkeypatch.undo()
     # the first --max-length x 8 words count; the run says how many training texts were cut
-    assert text.ngram_features("a b c", max_words=2) == ["w a", "w b", "b a b"]
+    assert preprocess.ngram_features("a b c", max_words=2) == ["w a", "w b", "b a b"]
     rows = [(f"r{i}", " ".join(["good" if i % 2 else "bad"] + ["word"] * (3 if i % 3 else 70)), "pos" if i % 2 else "neg")
             for i in range(30)]
     for split in ("train", "valid"):
@@ -248,8 +248,8 @@ def test_ngram_vocab_min_df_and_word_cap(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_dropout_default_per_model() -> None:
-    from duoclass.api import resolve_settings
-    from duoclass.config import TrainConfig
+    from duoclass.training.run import resolve_settings
+    from duoclass.settings.config import TrainConfig
 
     assert resolve_settings(TrainConfig(data="x", task="text", model="tfidf-mlp")).dropout == 0.5
     assert resolve_settings(TrainConfig(data="x", task="text", model="fasttext")).dropout == 0.1
@@ -267,7 +267,8 @@ def test_pretrain_then_finetune(toy: Path, tmp_path: Path) -> None:
     """Pretraining runs through the engine's loop (run files, validation, resume), then fine-tunes."""
     import csv as csv_
 
-    from duoclass.pretrain import PretrainConfig, pretrain
+    from duoclass.settings.config import PretrainConfig
+    from duoclass.training.pretrain import pretrain
 
     run = tmp_path / "mlm"
     settings = dict(corpus=str(toy / "train.csv"), output=str(run), batch_size=16, device="cpu", progress=False,
@@ -294,11 +295,79 @@ def test_pretrain_then_finetune(toy: Path, tmp_path: Path) -> None:
     assert len(duoclass.load(clf.result_.model_dir, device="cpu").predict(["great", "bad"])) == 2
 
 
+class _Saves:
+    """Stands in for a transformers model or tokenizer: save_pretrained writes `files`, or fails at file `fail_at`."""
+
+    def __init__(self, files: dict[str, bytes], fail_at: str | None = None):
+        self.files, self.fail_at, self.folder = files, fail_at, None
+
+    def save_pretrained(self, folder: str | Path, **kwargs: object) -> None:
+        self.folder = Path(folder)
+        for name, data in self.files.items():
+            if name == self.fail_at:
+                (self.folder / name).write_bytes(data[: len(data) // 2])
+                raise OSError(28, "No space left on device")
+            (self.folder / name).write_bytes(data)
+
+
+def test_pretrain_folder_write_interrupted_keeps_the_previous_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: a pretraining save whose writer fails part-way (save_pretrained raising with a file half written)
+    leaves DIR/model exactly as the previous save left it and nothing beside it; the save writes into
+    .model.duoclass-new, where artifacts.atomic's recovery looks, so a save that dies between the two renames of
+    the swap (no atomic exchange) leaves the complete new folder to the next read, and the next save cleans up."""
+    from duoclass.artifacts import atomic
+    from duoclass.training.pretrain import _complete, _write_folder
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    def version(k: int, fail_at: str | None = None) -> tuple[_Saves, _Saves, dict]:
+        return (_Saves({"config.json": b'{"v": %d}' % k, "model.safetensors": b"weights %d" % k * 50}, fail_at),
+                _Saves({"tokenizer.json": b'{"t": %d}' % k}), {"epoch": k})
+
+    out = tmp_path / "mlm" / "model"
+    _write_folder(out, *version(1))
+    before = files(out)
+    assert sorted(before) == ["config.json", "model.safetensors", "pretrain.json", "tokenizer.json"]
+    assert json.loads(before["pretrain.json"]) == {"epoch": 1}
+
+    model, tok, info = version(2, fail_at="model.safetensors")  # config.json written, the weights half, then the disk is full
+    with pytest.raises(OSError, match="No space left on device"):
+        _write_folder(out, model, tok, info)
+    assert files(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]
+    assert model.folder == out.parent / ".model.duoclass-new"
+
+    class Killed(Exception):
+        pass
+
+    real_rename = atomic._rename
+
+    def rename_then_die(src: Path, dst: Path) -> None:
+        real_rename(src, dst)
+        if Path(dst).name == ".model.duoclass-old":  # the old folder parked, the new one not yet in place
+            raise Killed
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_rename", rename_then_die)
+    with pytest.raises(Killed):
+        _write_folder(out, *version(3))
+    monkeypatch.undo()
+    assert not out.exists()
+    atomic.recover_folder(out, _complete)  # what the next read or save does first
+    got = files(out)
+    assert json.loads(got.pop("pretrain.json")) == {"epoch": 3}
+    assert got == {"config.json": b'{"v": 3}', "model.safetensors": b"weights 3" * 50, "tokenizer.json": b'{"t": 3}'}
+    _write_folder(out, *version(4))
+    assert json.loads((out / "pretrain.json").read_text()) == {"epoch": 4}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]
+
+
 # --- readers ---------------------------------------------------------------------------------
 def test_single_file_jsonl_split_and_skipped_rows(tmp_path: Path) -> None:
-    from duoclass.api import resolve_settings
-    from duoclass.config import TrainConfig
-    from duoclass.text import prepare_text
+    from duoclass.training.run import resolve_settings
+    from duoclass.settings.config import TrainConfig
+    from duoclass.training.text_data import prepare_text
 
     rows = toy_rows(60, "r", 3)
     lines = [json.dumps({"id": i, "text": t, "label": y}, ensure_ascii=False) for i, t, y in rows]
@@ -315,7 +384,7 @@ def test_single_file_jsonl_split_and_skipped_rows(tmp_path: Path) -> None:
 
 
 def test_chinese_gets_a_character_tokenizer(tmp_path: Path) -> None:
-    from duoclass.text import train_tokenizer
+    from duoclass.training.text_data import train_tokenizer
 
     tok, kind = train_tokenizer(["这家酒店很好，服务不错", "房间太小了，很吵"] * 20, vocab_size=200)
     assert kind == "trained-char"
@@ -377,7 +446,7 @@ def test_offline_hub_model_is_one_clear_error(toy: Path, tmp_path: Path, monkeyp
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: hf:albert-base-v2") and "download" in last and "--model albert-scratch-tiny" in last
-    from duoclass.text import load_hf_tokenizer
+    from duoclass.training.text_data import load_hf_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no-hub"))
@@ -386,9 +455,10 @@ def test_offline_hub_model_is_one_clear_error(toy: Path, tmp_path: Path, monkeyp
 
 
 def test_length_bucketed_batches() -> None:
-    from duoclass.config import TrainConfig
-    from duoclass.engine import BucketBatchSampler, Dist, make_loader
-    from duoclass.text import TextDataset
+    from duoclass.settings.config import TrainConfig
+    from duoclass.training.batches import BucketBatchSampler, make_loader
+    from duoclass.training.distributed import Dist
+    from duoclass.training.text_data import TextDataset
 
     rnd = random.Random(0)
     lengths = [rnd.randint(1, 200) for _ in range(1003)]
@@ -424,7 +494,7 @@ def test_length_bucketed_batches() -> None:
 
 def test_only_transformers_get_length_buckets(toy: Path) -> None:
     from duoclass import api
-    from duoclass.config import TrainConfig
+    from duoclass.settings.config import TrainConfig
 
     def bucketed(model: str) -> bool:
         return api.prepare(api.resolve_settings(TrainConfig(data=str(toy), model=model))).train.bucket

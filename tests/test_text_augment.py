@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import duoclass
-from duoclass.config import TrainConfig
+from duoclass.settings.config import TrainConfig
 from duoclass.errors import DuoclassError
-from duoclass.text_augment import (TEXT_PRESETS, AugmentedTextDataset, EmbeddingNeighbours, TextAugment, TextAugmenter,
-                                   back_translate, example_rng, join, resolve_text_augment, units)
+from duoclass.settings.augment import TEXT_PRESETS, TextAugment, resolve_text_augment
+from duoclass.training.text_augment import AugmentedTextDataset, EmbeddingNeighbours, TextAugmenter, back_translate, example_rng, join, units
 
 from .test_text import FAST, make_toy, toy_rows
 
@@ -98,7 +98,7 @@ def test_embedding_neighbours_from_cooccurrence() -> None:
 def test_wordnet_missing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from duoclass.text_augment import synonym_source
+    from duoclass.training.text_augment import synonym_source
 
     monkeypatch.setitem(sys.modules, "nltk", None)  # as if nltk were not installed
     monkeypatch.setitem(sys.modules, "nltk.corpus", None)
@@ -153,8 +153,8 @@ def test_bad_settings(kw: dict, match: str) -> None:
 
 # --- in a run: train split only, deterministic ---------------------------------------------------
 def test_only_the_training_split_is_augmented(toy: Path) -> None:
-    from duoclass.api import resolve_settings
-    from duoclass.text import TextDataset, prepare_text
+    from duoclass.training.run import resolve_settings
+    from duoclass.training.text_data import TextDataset, prepare_text
 
     cfg = resolve_settings(TrainConfig(data=str(toy), model="fasttext", text_augment="default", seed=0))
     data = prepare_text(cfg)
@@ -209,7 +209,7 @@ def _tiny_seq2seq(folder: Path, words: list[str]) -> str:
 def test_back_translation_is_cached(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from duoclass import text_augment
+    from duoclass.training import text_augment
 
     monkeypatch.setenv("DUOCLASS_CACHE", str(tmp_path / "cache"))
     texts = [t for _, t, _ in toy_rows(12, "bt", 5)]
@@ -234,8 +234,8 @@ def test_back_translation_is_cached(toy: Path, tmp_path: Path, monkeypatch: pyte
     assert again == out and counts == {"cached": len(texts), "translated": 0, "empty": counts["empty"]}
 
     # through a run's settings: the training set carries the back-translations, the notes count them
-    from duoclass.api import resolve_settings
-    from duoclass.text import prepare_text
+    from duoclass.training.run import resolve_settings
+    from duoclass.training.text_data import prepare_text
 
     monkeypatch.undo()
     monkeypatch.setenv("DUOCLASS_CACHE", str(tmp_path / "cache"))

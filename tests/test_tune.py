@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from duoclass import cli
-from duoclass.config import TrainConfig
-from duoclass.tune import tune
+from duoclass.cli import commands as cli
+from duoclass.settings.config import TrainConfig
+from duoclass.training.tune import tune
 
 from .test_text import toy_rows, write_csv
 
@@ -105,8 +105,8 @@ def test_cli_flags_are_fixed(toy: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_on_epoch_exception_ends_fit(toy: Path, tmp_path: Path) -> None:
     """engine.fit's on_epoch hook: called after each validation; what it raises comes out of fit."""
-    from duoclass.api import prepare, resolve_settings
-    from duoclass.engine import fit
+    from duoclass.training.run import prepare, resolve_settings
+    from duoclass.training.loop import fit
 
     cfg = resolve_settings(TrainConfig(data=str(toy), model="fasttext", epochs=3, output=str(tmp_path / "run"), **QUIET))
     seen: list[tuple[int, float]] = []
@@ -131,7 +131,7 @@ def test_on_epoch_exception_ends_fit(toy: Path, tmp_path: Path) -> None:
     ("albert-scratch-tiny", "text", 1e-3), ("hf:albert-base-v2", "text", 5e-5),
 ])
 def test_lr_defaults_per_model(model: str, task: str, lr: float, tmp_path: Path) -> None:
-    from duoclass.api import resolve_settings
+    from duoclass.training.run import resolve_settings
 
     cfg = resolve_settings(TrainConfig(data="x", task=task, model=model))
     assert cfg.lr == lr
@@ -139,7 +139,7 @@ def test_lr_defaults_per_model(model: str, task: str, lr: float, tmp_path: Path)
 
 
 def test_lr_default_of_a_pretrain_folder_and_config_yaml(toy: Path, tmp_path: Path) -> None:
-    from duoclass.api import resolve_settings
+    from duoclass.training.run import resolve_settings
     from duoclass.models import HF_SMALL_LR
 
     folder = tmp_path / "mlm"
@@ -150,3 +150,32 @@ def test_lr_default_of_a_pretrain_folder_and_config_yaml(toy: Path, tmp_path: Pa
 
     duoclass.train(toy, model="fasttext", epochs=1, output=str(tmp_path / "run"), **QUIET)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 1e-2  # the value used is recorded
+
+
+@pytest.mark.timeout(300)
+def test_adversarial_trials_train_with_the_adversarial_step(digits: Path, tmp_path: Path) -> None:
+    """Holds: every trial of `tune --adversarial fgsm` trains with the FGSM step (training.run builds the step
+    the settings choose), and its model folder records it; best.yaml keeps the setting."""
+    base = TrainConfig(data=str(digits), model="msresnet-tiny", image_size=16, epochs=1, augment="none",
+                       adversarial="fgsm", eps="4/255", **QUIET)
+    tune(base, trials=2, study_dir=tmp_path / "adv", pruner=optuna.pruners.NopPruner())
+    for trial in ("trial-0", "trial-1"):  # the first runs the settings as given, the second searched ones
+        training = json.loads((tmp_path / "adv" / trial / "model" / "config.json").read_text())["training"]
+        assert training["step"] == "adversarial" and training["mode"] == "fgsm", training
+        assert training["eps"] == pytest.approx(4 / 255)
+        rows = list(csv.DictReader((tmp_path / "adv" / trial / "metrics.csv").open()))
+        assert rows[0]["valid_pgd_accuracy"] != ""  # the adversarial step's own validation ran
+    assert yaml.safe_load((tmp_path / "adv" / "best.yaml").read_text())["adversarial"] == "fgsm"
+
+
+def test_a_step_of_its_own_is_refused_with_adversarial(digits: Path, tmp_path: Path) -> None:
+    """Holds: `run` never silently drops the settings' step: an explicit step together with --adversarial is an error."""
+    from duoclass.errors import DuoclassError
+    from duoclass.training.run import resolve, run
+    from duoclass.training.steps import standard_step
+
+    cfg = resolve(TrainConfig(data=str(digits), model="msresnet-tiny", image_size=16, epochs=1, adversarial="fgsm",
+                              output=str(tmp_path / "run"), **QUIET))
+    with pytest.raises(DuoclassError, match="--adversarial fgsm: this run trains with a step of its own"):
+        run(cfg, step=standard_step)
+    assert not (tmp_path / "run" / "model").exists()

@@ -3,7 +3,8 @@
     import duoclass
     clf = duoclass.train("data/xrays", epochs=10, output="runs/xray")
     clf = duoclass.load("runs/xray/model")
-    clf(["a.png", "b.png"], top_k=2)      # [[{"label": ..., "score": ...}, ...], ...]
+    clf(["a.png", "b.png"])               # [{"label": ..., "score": ...}, {...}]
+    duoclass.export("runs/xray/model")    # also quantize, prune, tune, pretrain: the commands, in Python
 
 The names below are imported on first use, so `import duoclass` (and `duoclass --help`)
 does not import torch; loading a model and running it with the torch backend does.
@@ -18,13 +19,18 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "train": "duoclass.api",
     "load": "duoclass.api",
-    "Classifier": "duoclass.classifier",
-    "Prediction": "duoclass.predict",
-    "TrainConfig": "duoclass.config",
-    "PretrainConfig": "duoclass.config",
+    "export": "duoclass.api",
+    "quantize": "duoclass.api",
+    "prune": "duoclass.api",
+    "tune": "duoclass.api",
+    "pretrain": "duoclass.api",
+    "Classifier": "duoclass.infer.classifier",
+    "Prediction": "duoclass.infer.predict",
+    "TrainConfig": "duoclass.settings.config",
+    "PretrainConfig": "duoclass.settings.config",
     "clean": "duoclass.data.clean",
     "create_model": "duoclass.models",
-    "register": "duoclass.models",
+    "register": "duoclass.models.base",
     "DuoclassError": "duoclass.errors",
     "NotFittedError": "duoclass.errors",
 }

@@ -1,3 +1,3 @@
-from .cli import main
+from duoclass.cli.commands import main
 
 raise SystemExit(main())

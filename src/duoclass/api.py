@@ -6,96 +6,33 @@
     clf.predict(["a.png", "b.png"])         # -> ["normal", "pneumonia"]
     clf.predict_proba(["a.png"])            # -> array of shape (1, n_classes)
     clf.evaluate("data/xrays", split="test")
+
+and the other stages, each the Python form of its command (same settings, same result as the JSON it prints):
+
+    duoclass.export("runs/xray/model")                 # duoclass export: variants/onnx, checked against torch
+    duoclass.quantize("runs/xray/model")               # duoclass quantize: int8, kept only if faster and no worse
+    duoclass.prune("runs/xray/model", amount=0.3)      # duoclass prune
+    duoclass.tune("data/xrays", trials=20, epochs=5)   # duoclass tune: writes runs/tune/best.yaml
+    duoclass.pretrain("corpus.txt", output="runs/mlm") # duoclass pretrain
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .classifier import Classifier
-from .config import TrainConfig
-from .errors import DuoclassError
+from duoclass.infer.classifier import Classifier
+from duoclass.settings.config import PretrainConfig, TrainConfig
+from duoclass.errors import DuoclassError
+from duoclass.training.run import resolve, run
 
-if TYPE_CHECKING:
-    from .data.splits import TaskData
 
 log = logging.getLogger("duoclass")
 
 
-def infer_task(cfg: TrainConfig) -> str:
-    """'image' or 'text' from the setting, the model name, or the files."""
-    from .data.text_files import holds_text
-    from .models import get_spec, input_kind
-
-    if cfg.task != "auto":
-        return cfg.task
-    known = get_spec(cfg.model) is not None or cfg.model.startswith(("timm:", "hf:"))
-    if known and input_kind(cfg.model) != "image":  # a text model; an image model on text data is caught later
-        return "text"
-    return "text" if holds_text(cfg.data, cfg.text_column, cfg.path_column) else "image"
-
-
-TEXT_DEFAULT_MODEL = "hf:albert-base-v2"
-
-
-def resolve_settings(cfg: TrainConfig) -> TrainConfig:
-    """Fill the task-dependent defaults; the result is what the run records in config.yaml.
-
-    A Hugging Face folder as --model means hf:FOLDER; text data with the image default model
-    (msresnet) gets hf:albert-base-v2; hf: models start from their own weights; an unset
-    learning rate and dropout become the model's recommended ones (models.default_lr, default_dropout).
-    """
-    from .models import default_dropout, default_lr, model_task
-    from .models.text_models import is_hf_folder
-
-    run_model = Path(cfg.model) / "model"  # the run folder of `duoclass pretrain` holds its HF folder in model/
-    if not cfg.model.startswith(("hf:", "timm:")) and (run_model / "pretrain.json").is_file():
-        cfg = dataclasses.replace(cfg, model=str(run_model))
-    if not cfg.model.startswith(("hf:", "timm:")) and is_hf_folder(cfg.model):
-        cfg = dataclasses.replace(cfg, model=f"hf:{cfg.model}")
-    task = infer_task(cfg)
-    model, pretrained = cfg.model, cfg.pretrained
-    if task == "text" and model == TrainConfig.model:  # the untouched default is an image model
-        model = TEXT_DEFAULT_MODEL
-    by_model = model_task(model)
-    if by_model is not None and by_model != task:
-        raise DuoclassError(f"--model {model}: a {by_model} model, but {cfg.data} holds {task} data; "
-                            f"pick a {task} model from `duoclass models`")
-    if model.startswith("hf:") and pretrained is None:
-        pretrained = model[len("hf:"):]
-    lr = cfg.lr if cfg.lr is not None else default_lr(model)
-    dropout = cfg.dropout if cfg.dropout is not None else default_dropout(model)
-    return dataclasses.replace(cfg, task=task, model=model, pretrained=pretrained, lr=lr, dropout=dropout)
-
-
-def prepare(cfg: TrainConfig, given: dict[str, Any] | None = None) -> "TaskData":
-    """Turn the settings' data into datasets for the engine (pass settings through resolve_settings first).
-
-    given: text only, another process's preprocessing to use instead of building one (see
-    distributed.prepare_once): {"preprocessing": to_config(), "files": {name: bytes}, "model_args": ...}.
-    """
-    task = infer_task(cfg)
-    if task == "image":
-        from .image import prepare_images
-        from .text_augment import CONFIG_FIELDS
-
-        if cfg.text_augment != "none" or cfg.back_translate or any(getattr(cfg, f) for f in CONFIG_FIELDS.values()):
-            log.warning("text augmentation settings (--text-augment, --text-*, --back-translate) do not apply to images; ignored")
-
-        return prepare_images(cfg)
-    from .text import prepare_text
-
-    return prepare_text(cfg, given=given)
-
-
 def train(data: str | Path | None = None, config: TrainConfig | None = None, **settings: Any) -> Classifier:
     """Train a classifier and return the best model, loaded. Settings are `TrainConfig` fields."""
-    from .distributed import prepare_once
-    from .engine import fit
-
     if config is None:
         config = TrainConfig(data=str(data) if data is not None else "", **settings)
     elif data is not None or settings:
@@ -103,12 +40,7 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, **s
     if not config.data:
         raise DuoclassError("no data given; pass a dataset folder, zip or CSV")
     _log_to_stderr()
-    config = resolve_settings(config)
-    _check_early(config)
-    from .attacks import make_step
-
-    task_data = prepare_once(config, prepare)  # under torchrun: rank 0's vocabulary and classes everywhere
-    result = fit(config, task_data, step=make_step(config, task_data))  # --adversarial: an AdversarialStep, else the standard step
+    result = run(resolve(config))
     if result is None:  # a non-zero rank under torchrun
         return None  # type: ignore[return-value]
     clf = load(result.model_dir)
@@ -116,34 +48,94 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, **s
     return clf
 
 
-def _check_early(cfg: TrainConfig) -> None:
-    """Fail on a wrong image-model name, resume folder or head before any data is read or file written."""
-    from .models import check_args, get_spec, input_kind
+def load(path: str | Path, device: str = "auto", backend: str = "torch", threads: int | None = None) -> Classifier:
+    """Load a model folder. Checks every file's hash; never unpickles anything.
 
-    if cfg.resume and not (Path(cfg.resume) / "state.pt").is_file():
-        raise DuoclassError(
-            f"{Path(cfg.resume) / 'state.pt'}: no training state to resume from; pass the --output folder of an earlier run"
-        )
-    input_kind(cfg.model)  # an unknown model name fails here, before any data is read
-    spec = get_spec(cfg.model)
-    if cfg.pretrained and spec is not None:
-        check_args(spec.name, spec.builder, {"pretrained": cfg.pretrained})  # a model without pretrained weights
-    if cfg.model.startswith("timm:") and cfg.pretrained == "hub":
-        from .models.timm_adapter import check_hub_weights
-
-        check_hub_weights(cfg.model[len("timm:"):])  # offline without cached weights: fail now, not after retries
-    if cfg.task == "text":
-        from .models.text_models import check_head
-
-        check_head(cfg.model, cfg.pooling)
-    from .attacks import check_adversarial
-
-    check_adversarial(cfg)  # --adversarial against the task (fgsm: images, fgm: text) and --eps <= 1 for images
+    backend: "torch", "onnx" or "onnx-int8" (the folder's variants from `export` / `quantize`).
+    threads: ONNX Runtime's intra-op threads for the onnx backends (default: the DUOCLASS_ONNX_THREADS
+    environment variable, else one per core this process may use); the torch backend ignores it."""
+    return Classifier.from_folder(path, device=device, backend=backend, threads=threads)
 
 
-def load(path: str | Path, device: str = "auto", backend: str = "torch") -> Classifier:
-    """Load a model folder. Checks every file's hash; never unpickles anything."""
-    return Classifier.from_folder(path, device=device, backend=backend)
+# --- the other stages: `duoclass export / quantize / prune / tune / pretrain` in Python -----------------
+def export(model_dir: str | Path, format: str = "onnx", output: str | Path | None = None,
+           data: str | Path | None = None, examples: int | None = None) -> dict[str, Any]:
+    """`duoclass export`. format="onnx": add the ONNX variant (variants/onnx) to the folder, or to a copy at
+    `output`, after checking it against torch on `examples` inputs (default 256) of `data` (default: the
+    training data config.json records); returns the variant's record (path, exporter, opset, parity).
+    format="transformers": write a transformers folder at `output` (required; text models); returns its check."""
+    if format == "transformers":
+        from duoclass.compress.transformers import export_transformers
+
+        if not output:
+            raise DuoclassError("export(format='transformers'): pass output=DIR, the folder to write")
+        return export_transformers(model_dir, output, **({} if examples is None else {"examples": examples}))
+    if format != "onnx":
+        raise DuoclassError(f"export: format={format!r}; choose onnx or transformers")
+    from duoclass.compress.onnx import export_onnx
+
+    return export_onnx(model_dir, output=output, data=data, examples=256 if examples is None else examples)
+
+
+def quantize(model_dir: str | Path, method: str | None = None, output: str | Path | None = None,
+             data: str | Path | None = None, split: str = "test", max_accuracy_drop: float = 0.5, force: bool = False,
+             calibration: int = 256, batch_size: int = 32, threads: int | None = None) -> dict[str, Any]:
+    """`duoclass quantize`: int8 with ONNX Runtime (method "dynamic" or "static"; default: dynamic for text,
+    static for images), measured against fp32 on `split` of `data` and written to variants/onnx-int8 only when
+    it is faster and loses at most `max_accuracy_drop` accuracy points (`force=True` writes it anyway).
+    Returns the report `duoclass quantize --json` prints."""
+    from duoclass.compress.quantize import quantize_model_folder
+
+    return quantize_model_folder(model_dir, method=method, output=output, data=data, split=split,
+                                 max_accuracy_drop=max_accuracy_drop, force=force, calibration=calibration,
+                                 batch_size=batch_size, threads=threads)
+
+
+def prune(model_dir: str | Path, amount: float = 0.3, finetune: int = 0, output: str | Path | None = None,
+          data: str | Path | None = None, device: str = "auto") -> dict[str, Any]:
+    """`duoclass prune` (msresnet): remove `amount` of every convolution's channels, then fine-tune `finetune`
+    epochs on `data` (default: the training data config.json records). Writes to `output` (default
+    MODEL_DIR-pruned); returns the report `duoclass prune --json` prints."""
+    from duoclass.compress.prune import prune_model_folder
+
+    _log_to_stderr()
+    return prune_model_folder(model_dir, amount=amount, output=output, finetune_epochs=finetune, data=data,
+                              device=device)
+
+
+def tune(data: str | Path | None = None, *, trials: int, study_dir: str | Path = "runs/tune",
+         timeout: float | None = None, config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
+    """`duoclass tune` (needs optuna): `trials` more trials of the study in `study_dir`, searching lr,
+    batch_size, weight_decay, label_smoothing (and max_length for text). Settings are `TrainConfig` fields;
+    those you pass are kept fixed, not searched (with config=, those that differ from the defaults).
+    Writes STUDY_DIR/best.yaml and summary.json; returns the summary."""
+    from duoclass.training.tune import tune as tune_study
+
+    if config is None:
+        config = TrainConfig(data=str(data) if data is not None else "", **settings)
+        fixed: set[str] | None = set(settings)
+    elif data is not None or settings:
+        raise TypeError("pass either config= or data and settings, not both")
+    else:
+        fixed = None
+    _log_to_stderr()
+    return tune_study(config, trials, study_dir, timeout=timeout, fixed=fixed)
+
+
+def pretrain(corpus: str | Path | None = None, config: PretrainConfig | None = None, **settings: Any) -> dict[str, Any]:
+    """`duoclass pretrain`: masked-language-model pretraining on unlabelled text (a .txt, CSV/TSV/JSONL or a
+    text dataset folder). Settings are `PretrainConfig` fields (output, model, epochs, ...); OUTPUT/model is
+    the Hugging Face folder to fine-tune with `train(data, model=OUTPUT/model)`. Returns the summary."""
+    from duoclass.training.pretrain import pretrain as run_pretrain
+
+    if config is None:
+        config = PretrainConfig(corpus=str(corpus) if corpus is not None else "", **settings)
+    elif corpus is not None or settings:
+        raise TypeError("pass either config= or corpus and settings, not both")
+    if not config.corpus:
+        raise DuoclassError("pretrain: no corpus given; pass a .txt (one text per line) or a CSV/TSV/JSONL file")
+    _log_to_stderr()
+    return run_pretrain(config)
 
 
 def _log_to_stderr() -> None:

@@ -1,1 +1,4 @@
-"""Data readers: image folders, zips and CSV manifests; cleaning and quarantine; splits."""
+"""Data readers: image folders, zips and CSV manifests; cleaning and quarantine; splits; text files.
+
+May import: duoclass.errors, duoclass.artifacts, duoclass.settings.
+"""

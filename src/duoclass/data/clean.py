@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import DuoclassError
-from .sources import ByteReader, Dataset, display, read_image_dataset
+from duoclass.errors import DuoclassError
+from duoclass.data.sources import ByteReader, Dataset, display, read_image_dataset
 
 # Pillow's own decompression-bomb threshold (about 89.5 megapixels) is our default limit.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -243,7 +243,7 @@ def clean(
 
 def write_report(rep: CleanReport, path: str | Path) -> tuple[Path, Path]:
     """Write the report as JSON and CSV (same stem)."""
-    from ..checkpoint import atomic_write_json, atomic_write_text
+    from duoclass.artifacts.atomic import atomic_write_json, atomic_write_text
 
     p = Path(path)
     jpath, cpath = p.with_suffix(".json"), p.with_suffix(".csv")

@@ -12,8 +12,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..errors import DuoclassError
-from .splits import SPLIT_ALIASES
+from duoclass.errors import DuoclassError
+from duoclass.data.splits import SPLIT_ALIASES
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 ZIP_SEP = "::"
@@ -154,7 +154,7 @@ def _read_zip(path: Path) -> Dataset:
 
 # --- CSV manifest -------------------------------------------------------------------------
 def _read_manifest(path: Path, path_column: str = "path", label_column: str = "label") -> Dataset:
-    from .tables import read_table
+    from duoclass.data.tables import read_table
 
     header, rows = read_table(path)
     if path_column not in header:

@@ -5,7 +5,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import DuoclassError
+from duoclass.errors import DuoclassError
 
 # The one list of split names a folder or file may use: train, valid and test, with their common aliases.
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid",

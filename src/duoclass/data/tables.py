@@ -10,7 +10,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..errors import DuoclassError
+from duoclass.errors import DuoclassError
 
 ENCODINGS = ("utf-8-sig", "gb18030")
 

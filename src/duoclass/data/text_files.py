@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DuoclassError
-from .clean import Finding
-from .splits import split_name
+from duoclass.errors import DuoclassError
+from duoclass.data.clean import Finding
+from duoclass.data.splits import split_name
 
 log = logging.getLogger("duoclass")
 
@@ -33,7 +33,7 @@ class TextRecord:
 
 
 def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    from .tables import decode_text
+    from duoclass.data.tables import decode_text
 
     try:
         raw = path.read_bytes()
@@ -66,7 +66,7 @@ def read_text_file(
     skip_empty: bool = True,
 ) -> tuple[list[TextRecord], list[Finding]]:
     """Records of one CSV/TSV/JSONL file and the skipped (empty-text) rows. label_column=None: unlabelled."""
-    from .tables import read_table
+    from duoclass.data.tables import read_table
 
     path = Path(path)
     header, rows = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_table(path, keep_blank_rows=not skip_empty)
@@ -183,7 +183,7 @@ def read_eval_split(data: str | Path, split: str, text_column: str, label_column
 def holds_text(data: str | Path, text_column: str = "text", path_column: str = "path") -> bool:
     """Whether a dataset path holds text (train/valid/test CSV/TSV/JSONL files, a JSONL file, or a CSV with a
     text column and no path column) rather than images."""
-    from .tables import read_table
+    from duoclass.data.tables import read_table
 
     p = Path(data)
     if p.is_dir():

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DuoclassError
-from . import ImageModel, alias, register
+from duoclass.errors import DuoclassError
+from duoclass.models.base import ImageModel, alias, register
 
 
 def conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:

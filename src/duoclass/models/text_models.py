@@ -29,8 +29,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ..errors import DuoclassError
-from . import check_head, input_kind, register  # noqa: F401  (check_head: re-exported for the training code)
+from duoclass.errors import DuoclassError
+from duoclass.models.base import register
 
 ALBERT_SIZES: dict[str, dict[str, int]] = {
     # Sized to train in minutes on 2 CPU cores.
@@ -243,7 +243,8 @@ class TfidfMLP(nn.Module):
           input="ngram-vocab", heads=("cls",))  # a bag of n-grams has no token states to pool
 def build_tfidf_mlp(num_classes: int, vocab_size: int = DEFAULT_NGRAM_VOCAB, hidden: int = 256, pooling: str = "cls",
                     dropout: float = 0.5) -> TfidfMLP:
-    check_head("tfidf-mlp", pooling)
+    if pooling != "cls":
+        raise DuoclassError(f"--pooling {pooling}: tfidf-mlp has no {pooling!r} head (it has: cls); use --pooling cls")
     return TfidfMLP(num_classes, vocab_size, hidden, dropout)
 
 

@@ -15,9 +15,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..errors import DuoclassError
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
-from . import ImageModel
+from duoclass.errors import DuoclassError
+from duoclass.preprocess.image import IMAGENET_MEAN, IMAGENET_STD
+from duoclass.models.base import ImageModel
 
 
 def create_timm_model(
@@ -87,7 +87,7 @@ def _cached_weights(name: str) -> str | None:
 def check_hub_weights(name: str) -> str | None:
     """For `--pretrained hub`: None when the hub is reachable (timm downloads or uses its cache); offline, the
     cached weights file, or a DuoclassError at once when there is none (no network is tried)."""
-    from .text_models import _hub_reachable
+    from duoclass.models.text_models import _hub_reachable
 
     if _hub_reachable():
         return None

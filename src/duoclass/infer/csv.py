@@ -1,0 +1,119 @@
+"""The prediction CSV of `duoclass predict`: which inputs a file, folder, zip or CSV holds, and the one writer.
+
+Images: path,label,probability[,top_k],error,warning; text: id,label,probability[,top_k],error,warning.
+Every input keeps its row; `-` (or a path that is standard output) prints the CSV.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+
+from duoclass.data.sources import IMAGE_EXTS, ZIP_SEP, display
+from duoclass.errors import DuoclassError
+from duoclass.infer.predict import Prediction, predict_items, resolve_top_k
+
+log = logging.getLogger("duoclass")
+
+
+# --- batch prediction into a CSV ---------------------------------------------------------------
+def list_image_inputs(path: str | Path) -> list[str]:
+    """Refs for a file, a folder (recursive), a zip, or a CSV with a `path` column."""
+    p = Path(path)
+    if not p.exists():
+        raise DuoclassError(f"{p}: no such file or folder; pass an image, a folder, a zip or a CSV of paths")
+    if p.is_dir():
+        out = []
+        for dirpath, dirnames, files in os.walk(p):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            out += [os.path.join(dirpath, f) for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTS and not f.startswith(".")]
+        if not out:
+            raise DuoclassError(f"{p}: no image files found (looked for {', '.join(sorted(IMAGE_EXTS))})")
+        return out
+    if p.suffix.lower() == ".zip":
+        try:
+            with zipfile.ZipFile(p) as zf:
+                names = sorted(n for n in zf.namelist() if Path(n).suffix.lower() in IMAGE_EXTS and "__MACOSX" not in n)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DuoclassError(f"{p}: not a readable zip file ({e}); check the file or unzip it and pass the folder") from None
+        return [f"{p}{ZIP_SEP}{n}" for n in names]
+    if p.suffix.lower() in (".csv", ".tsv"):
+        from duoclass.data.tables import read_table
+
+        header, rows = read_table(p)
+        if "path" not in header:
+            raise DuoclassError(f"{p}: no 'path' column (columns: {', '.join(header)}); add a header row with a path column")
+        return [r["path"] if os.path.isabs(r["path"]) else str(p.parent / r["path"]) for _, r in rows]
+    return [str(p)]
+
+
+def csv_inputs(task: str, input_path: str | Path, text_column: str) -> tuple[list[str], list[Any], str]:
+    """What `duoclass predict` reads: (row keys, inputs, key column name). Text: the input's id column (or the
+    0-based row number) and its texts; images: the display path of every image of a file, folder, zip or CSV."""
+    if task == "text":
+        from duoclass.data.text_files import read_predict_inputs
+
+        keys, inputs = read_predict_inputs(input_path, text_column)
+        return list(keys), list(inputs), "id"
+    refs = list_image_inputs(input_path)
+    return [display(r) for r in refs], refs, "path"
+
+
+def predict_to_csv(clf: Any, input_path: str | Path, output: str | Path | None, top_k: int | None = 1, batch_size: int = 64,
+                   text_column: str | None = None, labels_only: bool = False) -> tuple[int, int]:
+    """Predict every input, in input order, into a CSV. Returns (rows, failed).
+
+    Images: path,label,probability[,top_k],error,warning;  text: id,label,probability[,top_k],error,warning,
+    with the input's id column (or the 0-based row number). An input that cannot be used keeps its row,
+    with the reason in `error`; `warning` marks a guess (an empty text, a text with no known token).
+    `top_k`: labels in the top_k column (None: every label; 1: no top_k column).
+    `labels_only` writes just the first two columns (e.g. id,label for a competition submission).
+    Raises DuoclassError (after writing the CSV) when not a single input could be used.
+    `duoclass predict --engine ray` (ray_predict.py) writes the same file from Ray workers.
+    """
+    k = resolve_top_k(top_k, len(clf.classes_))
+    column = (text_column or clf.preprocessor.text_column) if clf.task == "text" else ""
+    keys, inputs, key = csv_inputs(clf.task, input_path, column)
+    results = predict_items(clf.preprocessor, clf.backend, clf.classes_, inputs, batch_size, k, clf.tta, names=keys)
+    return write_predictions_csv(results, key, k, labels_only, output, input_path)
+
+
+def write_predictions_csv(results: Sequence[Prediction], key: str, k: int, labels_only: bool,
+                          output: str | Path | None, input_path: str | Path) -> tuple[int, int]:
+    """The CSV of `duoclass predict` (see predict_to_csv), written atomically to `output` or to stdout."""
+    from duoclass.artifacts.atomic import atomic_write_text, is_stdout
+
+    header = [key, "label"] if labels_only else [key, "label", "probability"] + (["top_k"] if k > 1 else []) + ["error", "warning"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in results:
+        row = [r.input, r.label or ""]
+        if not labels_only:
+            row.append(f"{r.score:.6f}" if r.score is not None else "")
+            if k > 1:
+                row.append(";".join(f"{c}:{p:.6f}" for c, p in r.top_k))
+            row += [r.error or "", r.warning or ""]
+        w.writerow(row)
+    if output and not is_stdout(output):
+        atomic_write_text(output, buf.getvalue())
+    else:
+        sys.stdout.write(buf.getvalue())
+        sys.stdout.flush()
+    failed = sum(not r.ok for r in results)
+    warned = sum(r.warning is not None for r in results)
+    if warned:
+        log.warning("%d of %d inputs gave a guess rather than a prediction (see the warning column), e.g. %s: %s",
+                    warned, len(results), next(r.input for r in results if r.warning), next(r.warning for r in results if r.warning))
+    if failed and failed == len(results):
+        raise DuoclassError(f"{input_path}: none of the {failed} inputs could be used (e.g. {results[0].error}); "
+                            "see the error column")
+    if failed:
+        log.warning("%d of %d inputs could not be read; their rows carry the error", failed, len(results))
+    return len(results), failed

@@ -1,0 +1,34 @@
+"""The model folder's preprocessing record (config.json "preprocessing") -> the preprocessor that feeds it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from duoclass.errors import DuoclassError
+from duoclass.preprocess.image import ImagePreprocessor
+from duoclass.preprocess.text import TextPreprocessor
+
+
+def preprocessor_from_config(task: str, cfg: dict[str, Any], folder: Path) -> ImagePreprocessor | TextPreprocessor:
+    """The preprocessor a model folder describes (config.json's task and preprocessing)."""
+    if task == "image":
+        return ImagePreprocessor.from_config(cfg, folder)
+    if task == "text":
+        return TextPreprocessor.from_config(cfg, folder)
+    raise DuoclassError(f"{folder}: task {task!r} is not supported by this version of duoclass; upgrade it")
+
+
+def load_each(pre: Any, inputs: Sequence[Any], indices: Sequence[int] | None = None) -> tuple[dict[int, Any], dict[int, str]]:
+    """Encode the inputs (those at `indices`, default all) with the preprocessor: ({index: encoded} for the
+    usable ones, {index: the one-line reason} for the others). The one "load each input, skip on error" loop:
+    prediction, the export and int8 checks, pruning's calibration, robust evaluation and Ray all use it, so
+    no input is dropped without its reason."""
+    encoded: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    for i in range(len(inputs)) if indices is None else indices:
+        try:
+            encoded[i] = pre.load(inputs[i])
+        except DuoclassError as e:
+            errors[i] = str(e)
+    return encoded, errors

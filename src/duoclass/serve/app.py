@@ -1,0 +1,469 @@
+"""The HTTP server: model folders behind a JSON API and a web page, with dynamic micro-batching.
+
+    duoclass serve runs/xray/model reviews=runs/reviews/model --port 8000
+    python -m duoclass.serve.app runs/xray/model --max-batch-size 1       # the same flags without the CLI
+    curl -F file=@a.png http://127.0.0.1:8000/v1/models/xray/predict
+    curl -d '{"texts": ["great", "awful"], "top_k": 2}' -H 'Content-Type: application/json' \\
+         http://127.0.0.1:8000/v1/models/reviews/predict
+
+In Python, `create_app(["runs/xray/model"], ServeSettings(max_batch_size=16))` returns the FastAPI
+app (any ASGI server runs it) and `serve(model_dirs, settings)` runs it with uvicorn.
+
+Endpoints (every one needs the token when one is set, except /healthz):
+
+    POST /v1/models/{name}/predict     multipart `file` part(s), or JSON {"image": b64} {"images": [...]}
+                                       {"text": "..."} {"texts": [...]}, optional top_k
+    GET  /v1/models, /v1/models/{name} task, classes, test metrics, preprocessing, plot URLs
+    GET  /v1/models/{name}/confusion_matrix.png, .../curves.png   the run folder's plots, read at start
+    GET  /healthz  /readyz  /metrics (Prometheus text)  /docs  /openapi.json  /  (the web page)
+
+How a prediction runs: the handler validates the request (pydantic, sizes, image magic bytes,
+Unicode) and puts its items on the model's queue. One asyncio task per model takes items from many
+requests, up to --max-batch-size items (and, for text, --max-tokens padded tokens, from the
+preprocessor's encoded lengths) or until the oldest has waited --max-wait-ms, and hands the batch
+to the model's own thread, which calls `predict.predict_items` once: the model never runs on the
+event loop, and an input that fails gets its own error, so only its request is answered 4xx.
+--max-batch-size 1 switches batching off, for comparison.
+
+Limits, each a flag: body bytes, image bytes per part, files per multipart body, items per request,
+characters per text, image pixels (decompression bombs; checked before decoding), items waiting per
+model (past it: 429 with Retry-After) and requests in flight. Client mistakes get a 4xx JSON
+{"error": "..."} that says what to change. The server binds 127.0.0.1 by default, loads only the
+folders given at start, reads every file it serves at start (no endpoint takes a path) and, with
+--token or $DUOCLASS_TOKEN, wants `Authorization: Bearer TOKEN` (the web page logs in once and
+keeps an HttpOnly, SameSite=Strict cookie).
+
+Importing this module imports neither FastAPI nor torch (the CLI builds its flags from
+ServeSettings); `create_app` does.
+"""
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from duoclass.errors import DuoclassError
+from duoclass.serve.auth import COOKIE, LOGIN_PAGE, _Guard, _html_escape, _is_loopback, _session_value
+from duoclass.serve.batcher import InternalError, ModelWorker
+from duoclass.serve.cards import PLOTS, model_card, parse_model_args
+from duoclass.serve.metrics import Metrics
+from duoclass.serve.requests import RequestError, _b64, _schemas, _sniff, _validation_message
+from duoclass.serve.settings import ServeSettings, TOKEN_ENV, add_arguments, resolve_token, settings_from_args
+
+log = logging.getLogger("duoclass")
+STATIC = Path(__file__).with_name("static")
+STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+            "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+
+
+# --- the app ----------------------------------------------------------------------------------
+def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+               settings: ServeSettings | None = None) -> Any:
+    """The FastAPI app serving these model folders ("DIR" or "NAME=DIR"). Loads every model now, so a bad
+    folder fails here with a DuoclassError; each model's batcher starts with the app (its lifespan)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.openapi.docs import get_swagger_ui_html
+        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+        from pydantic import ValidationError
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+    except ImportError as e:
+        raise DuoclassError(f"duoclass serve needs FastAPI ({e.name} is missing); install it with "
+                            "`pip install duoclass[serve]`") from None
+    import contextlib
+
+    from duoclass import __version__
+    from duoclass.infer.classifier import Classifier
+
+    settings = settings or ServeSettings()
+    folders = parse_model_args(model_dirs)
+    metrics = Metrics()
+    schemas = _schemas(settings)
+    workers: dict[str, ModelWorker] = {}
+    cards: dict[str, dict[str, Any]] = {}
+    plots: dict[str, dict[str, bytes]] = {}
+    for name, folder in folders.items():
+        t0 = time.perf_counter()
+        clf = Classifier.from_folder(folder, device=settings.device, backend=settings.backend)
+        if clf.task == "image":
+            clf.preprocessor.max_pixels = min(settings.max_pixels, clf.preprocessor.max_pixels)
+        cards[name], plots[name] = model_card(name, clf, folder, settings.backend)
+        workers[name] = ModelWorker(name, clf, folder, settings, metrics)
+        metrics.info.set(name, clf.task, settings.backend, value=1)
+        log.info("model %s: %s (%s, %d classes) from %s in %.1f s", name, cards[name]["model"], clf.task,
+                 len(clf.classes_), folder, time.perf_counter() - t0)
+    static = {}
+    for fname in ["index.html", *STATIC_FILES]:
+        try:
+            static[fname] = (STATIC / fname).read_bytes()
+        except OSError as e:
+            raise DuoclassError(f"{STATIC / fname}: cannot read the web page ({e.strerror}); reinstall duoclass") from None
+    swagger: dict[str, tuple[bytes, str]] = {}
+    if settings.docs:
+        try:  # Swagger UI's files from a package, so /docs works offline; else FastAPI's default (a CDN)
+            from swagger_ui_bundle import swagger_ui_path
+
+            for fname, mime in (("swagger-ui-bundle.js", "text/javascript"), ("swagger-ui.css", "text/css"),
+                                ("favicon-32x32.png", "image/png")):
+                swagger[fname] = ((Path(str(swagger_ui_path)) / fname).read_bytes(), mime)
+        except (ImportError, OSError):
+            log.info("/docs loads Swagger UI from a CDN; `pip install swagger-ui-bundle-v2` serves it from here")
+    state = {"ready": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        for w in workers.values():
+            t0 = time.perf_counter()
+            await loop.run_in_executor(w._thread, w.warm_up)
+            w.start()
+            log.info("model %s: ready (warm-up %.2f s; batches of up to %d, waiting up to %g ms)", w.name,
+                     time.perf_counter() - t0, settings.max_batch_size, settings.max_wait_ms)
+        state["ready"] = True
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            for w in workers.values():
+                await w.stop()
+
+    description = ("Image and text classifiers. Send images as multipart field `file` or JSON base64, texts as JSON. "
+                   "Errors are JSON `{\"error\": \"...\"}`." + (" Every endpoint but /healthz wants "
+                                                               "`Authorization: Bearer TOKEN`." if settings.token else ""))
+    app = FastAPI(title="duoclass", version=__version__, description=description, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json" if settings.docs else None)
+    app.state.workers = workers
+    app.state.settings = settings
+    app.state.metrics = metrics
+    err = {"model": schemas.ErrorBody}
+    common = {401: {**err, "description": "missing or wrong API token"},
+              429: {**err, "description": "too many requests; see Retry-After"}}
+
+    def worker_of(name: str) -> ModelWorker:
+        w = workers.get(name)
+        if w is None:
+            raise RequestError(404, f"no model named {name[:80]!r}; this server has: {', '.join(workers)} "
+                                    "(GET /v1/models)", "unknown_model")
+        return w
+
+    # --- errors ---------------------------------------------------------------------------------
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError) -> Response:
+        metrics(metrics.errors.inc, e.kind)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
+        kinds = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "too_large"}
+        kind = kinds.get(e.status_code, f"http_{e.status_code}")
+        where = f"{request.method} {request.url.path[:200]}"
+        message = {404: f"no such endpoint: {where}; see /docs for the API",
+                   405: f"{where}: method not allowed; see /docs for the API"}.get(e.status_code, str(e.detail))
+        metrics(metrics.errors.inc, kind)
+        return JSONResponse({"error": message}, status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> Response:
+        status, message = _validation_message(list(e.errors()))
+        metrics(metrics.errors.inc, "invalid_request")
+        return JSONResponse({"error": message}, status_code=status)
+
+    # --- health, metrics, models --------------------------------------------------------------------
+    @app.get("/healthz", summary="liveness: the process answers (no token needed)")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="readiness: models loaded and warmed up",
+             responses={**common, 503: {**err, "description": "not ready"}})
+    async def readyz() -> Response:
+        if not state["ready"]:
+            return JSONResponse({"error": "not ready: models are loading or the server is stopping"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready", "models": list(workers)})
+
+    @app.get("/metrics", summary="Prometheus metrics (text format 0.0.4)", response_class=PlainTextResponse,
+             responses=common)
+    async def metrics_endpoint() -> Response:
+        body = metrics.render({n: len(w.queue) for n, w in workers.items()})
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", summary="the models served: task, classes, test metrics, preprocessing", responses=common)
+    async def list_models() -> dict[str, Any]:
+        return {"models": [{k: v for k, v in c.items() if k != "per_class"} for c in cards.values()]}
+
+    @app.get("/v1/models/{name}", summary="one model's card, per-class metrics included",
+             responses={**common, 404: {**err, "description": "no such model"}})
+    async def get_model(name: str) -> dict[str, Any]:
+        worker_of(name)
+        return cards[name]
+
+    def plot_route(plot: str) -> None:
+        async def get_plot(name: str) -> Response:
+            worker_of(name)
+            data = plots[name].get(plot)
+            if data is None:
+                raise RequestError(404, f"model {name!r}: its run folder has no {plot}.png", "not_found")
+            return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+        app.get(f"/v1/models/{{name}}/{plot}.png", summary=f"the training run's {plot.replace('_', ' ')} (PNG)",
+                response_class=Response, name=f"get_{plot}",
+                responses={**common, 200: {"content": {"image/png": {}}, "description": "PNG"},
+                           404: {**err, "description": "no such model or plot"}})(get_plot)
+
+    for plot in PLOTS:
+        plot_route(plot)
+
+    # --- prediction -------------------------------------------------------------------------------
+    async def read_items(request: Request, w: ModelWorker) -> tuple[list[Any], list[str], int]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        task = w.clf.task
+        if ctype == "multipart/form-data":
+            if task != "image":
+                raise RequestError(422, f"model {w.name!r} is a text model; send JSON {{\"text\": \"...\"}} or "
+                                        "{\"texts\": [...]}", "wrong_task")
+            try:
+                form = await request.form(max_files=settings.max_files, max_fields=16, max_part_size=64 * 1024)
+            except StarletteHTTPException as e:
+                status = 413 if "Too many" in str(e.detail) or "exceeded" in str(e.detail) else 400
+                raise RequestError(status, f"multipart body: {e.detail} (limits: --max-files {settings.max_files}, "
+                                           "64 KB per non-file field)", "too_large" if status == 413 else "bad_request") from None
+            try:
+                files, top_k = [], 1
+                for key, value in form.multi_items():
+                    if key == "file" and not isinstance(value, str):
+                        files.append(value)
+                    elif key == "top_k" and isinstance(value, str):
+                        try:
+                            top_k = int(value)
+                        except ValueError:
+                            raise RequestError(422, f"top_k: got {value[:20]!r}; send a whole number >= 1",
+                                               "invalid_request") from None
+                        if top_k < 1:
+                            raise RequestError(422, f"top_k: got {top_k}; send a whole number >= 1", "invalid_request")
+                    else:
+                        raise RequestError(422, f"multipart field {key[:40]!r}: unexpected; send the image(s) as "
+                                                "file part(s) named `file` and optionally a `top_k` field", "invalid_request")
+                if not files:
+                    raise RequestError(422, "no file part named `file`; send the image as multipart field `file` "
+                                            "(curl -F file=@image.png)", "invalid_request")
+                if len(files) > settings.max_items:
+                    raise RequestError(422, f"{len(files)} images; at most {settings.max_items} per request (--max-items)",
+                                       "invalid_request")
+                items, names = [], []
+                for i, f in enumerate(files):
+                    what = f"file {(f.filename or str(i))[:80]!r}"
+                    data = await f.read(settings.max_image_bytes + 1)
+                    if len(data) > settings.max_image_bytes:
+                        raise RequestError(413, f"{what}: larger than {settings.max_image_bytes:,} bytes (--max-image-bytes)",
+                                           "too_large")
+                    _sniff(data, what)
+                    items.append(bytes(data))
+                    names.append(what)
+                return items, names, top_k
+            finally:
+                await form.close()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise RequestError(415, f"content type {ctype[:60] or '(none)'!r}: send application/json "
+                                    "({\"text\": ...} / {\"image\": base64}) or multipart/form-data with a `file` part",
+                               "unsupported_media_type")
+        body = await request.body()
+        try:
+            req = schemas.PredictRequest.model_validate_json(body)
+        except ValidationError as e:
+            status, message = _validation_message(e.errors(include_url=False))
+            raise RequestError(status, message, "invalid_request") from None
+        if req.text is not None or req.texts is not None:
+            if task != "text":
+                raise RequestError(422, f"model {w.name!r} is an image model; send an image (multipart field `file`, "
+                                        "or JSON {\"image\": base64})", "wrong_task")
+            texts = [req.text] if req.text is not None else list(req.texts or [])
+            names = ["text"] if req.text is not None else [f"texts[{i}]" for i in range(len(texts))]
+            for t, n in zip(texts, names):  # an empty text is predicted, its answer flagged as a guess in `warning`
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise RequestError(422, f"{n}: not valid Unicode (a lone surrogate); send UTF-8 text", "bad_text") from None
+            return texts, names, req.top_k
+        if task != "image":
+            raise RequestError(422, f"model {w.name!r} is a text model; send JSON {{\"text\": \"...\"}} or "
+                                    "{\"texts\": [...]}", "wrong_task")
+        raw = [req.image] if req.image is not None else list(req.images or [])
+        names = ["image"] if req.image is not None else [f"images[{i}]" for i in range(len(raw))]
+        items = []
+        for s, n in zip(raw, names):
+            data = _b64(s, n, settings.max_image_bytes)  # type: ignore[arg-type]
+            _sniff(data, n)
+            items.append(data)
+        return items, names, req.top_k
+
+    predict_body = {"required": True, "content": {
+        "application/json": {"schema": schemas.PredictRequest.model_json_schema()},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"], "additionalProperties": False,
+            "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                                    "maxItems": settings.max_files, "description": "image file(s)"},
+                           "top_k": {"type": "integer", "minimum": 1, "default": 1}}}}}}
+
+    @app.post("/v1/models/{name}/predict", summary="predict images or texts", response_model=schemas.PredictResponse,
+              openapi_extra={"requestBody": predict_body},
+              responses={**common, 400: {**err, "description": "malformed body"},
+                         404: {**err, "description": "no such model"},
+                         413: {**err, "description": "body, image or part too large"},
+                         415: {**err, "description": "neither JSON nor multipart"},
+                         422: {**err, "description": "invalid request or an unusable item (see `items`)"},
+                         503: {**err, "description": "overloaded: no prediction within --timeout-s"}})
+    async def predict(name: str, request: Request) -> Response:
+        t0 = time.perf_counter()
+        w = worker_of(name)
+        items, names, top_k = await read_items(request, w)
+        if w.clf.task == "text":  # encoded lengths, for the batcher's token budget (tokenizing is off the loop)
+            costs = [max(1, len(ids)) for ids in await asyncio.to_thread(w.clf.preprocessor.encode, items)]
+        else:
+            costs = [1] * len(items)
+        try:
+            results = await w.predict(items, names, costs, top_k)
+        except InternalError as e:
+            metrics(metrics.errors.inc, "internal")
+            return JSONResponse({"error": f"internal error while predicting ({e}); see the server log"}, status_code=500)
+        failed = [{"index": i, "error": str(r.error).removeprefix("image bytes: ")} for i, r in enumerate(results) if r.error]
+        if failed:
+            first = failed[0]
+            more = f" (and {len(failed) - 1} more items)" if len(failed) > 1 else ""
+            raise RequestError(422, f"{names[first['index']]}: {first['error']}{more}",
+                               "bad_image" if w.clf.task == "image" else "bad_text", items=failed)
+        out = [{"label": r.label, "score": r.score, "top_k": [{"label": c, "score": p} for c, p in r.top_k],
+                "warning": r.warning} for r in results]
+        return JSONResponse({"model": name, "predictions": out,
+                             "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+    # --- the web page, log-in, docs -------------------------------------------------------------
+    def page_headers() -> dict[str, str]:
+        return {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        return HTMLResponse(static["index.html"], headers=page_headers())
+
+    def static_route(fname: str, mime: str) -> None:
+        async def get_static() -> Response:
+            return Response(static[fname], media_type=mime, headers=page_headers())
+
+        app.get(f"/static/{fname}", include_in_schema=False, name=f"static_{fname}")(get_static)
+
+    for fname, mime in STATIC_FILES.items():
+        static_route(fname, mime)
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        from urllib.parse import parse_qs
+
+        fields = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
+        nxt = fields.get("next", ["/"])[0]
+        nxt = nxt if nxt in ("/", "/docs") else "/"
+        if settings.token is None:
+            return RedirectResponse(nxt, status_code=303)
+        given = fields.get("token", [""])[0]
+        if not hmac.compare_digest(given.encode("utf-8"), settings.token.encode("utf-8")):
+            metrics(metrics.errors.inc, "unauthorized")
+            return HTMLResponse(LOGIN_PAGE.format(next=_html_escape(nxt), message="Wrong token."), status_code=401)
+        r = RedirectResponse(nxt, status_code=303)
+        r.set_cookie(COOKIE, _session_value(settings.token), httponly=True, samesite="strict", path="/")
+        return r
+
+    if settings.docs:
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> Response:
+            if swagger:
+                return get_swagger_ui_html(openapi_url="/openapi.json", title="duoclass API",
+                                           swagger_js_url="/docs/swagger-ui-bundle.js",
+                                           swagger_css_url="/docs/swagger-ui.css",
+                                           swagger_favicon_url="/docs/favicon-32x32.png")
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="duoclass API")
+
+        def swagger_route(fname: str) -> None:
+            async def get_asset() -> Response:
+                data, mime = swagger[fname]
+                return Response(data, media_type=mime, headers={"Cache-Control": "max-age=86400"})
+
+            app.get(f"/docs/{fname}", include_in_schema=False, name=f"docs_{fname}")(get_asset)
+
+        for fname in swagger:
+            swagger_route(fname)
+
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, plus the model names as the {name} parameter's choices and the token scheme."""
+        if app.openapi_schema is None:
+            schema = base_openapi()
+            for path, item in schema["paths"].items():
+                for op in item.values():
+                    for param in op.get("parameters", []):
+                        if param.get("name") == "name" and param.get("in") == "path":
+                            param["schema"] = {**param.get("schema", {}), "enum": list(workers)}
+            if settings.token:
+                schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                schema["security"] = [{"bearer": []}]
+                schema["paths"].get("/healthz", {}).get("get", {})["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    app.add_middleware(_Guard, settings=settings, metrics=metrics)
+    return app
+
+
+def serve(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+          settings: ServeSettings | None = None) -> None:
+    """Load the models and serve them with uvicorn until interrupted (what `duoclass serve` runs)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise DuoclassError("duoclass serve needs uvicorn; install it with `pip install duoclass[serve]`") from None
+    settings = resolve_token(settings or ServeSettings())
+    if not _is_loopback(settings.host) and not settings.token:
+        log.warning("serving on %s without a token: anyone who can reach this port can use the models; "
+                    "set $%s (or --token)", settings.host, TOKEN_ENV)
+    app = create_app(model_dirs, settings)
+    log.info("serving %s on http://%s:%d/ (API docs at /docs)%s", ", ".join(app.state.workers), settings.host,
+             settings.port, "; token required" if settings.token else "")
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=settings.access_log, server_header=False,
+                log_level="warning" if log.getEffectiveLevel() > logging.INFO else "info",
+                timeout_graceful_shutdown=10)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    serve(ns.model_dirs, settings_from_args(ns))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m duoclass.serve MODEL_DIR ... [flags]`, the same as `duoclass serve`."""
+    from duoclass.errors import one_line
+
+    p = argparse.ArgumentParser(prog="duoclass serve", description="Serve model folders over HTTP with micro-batching.")
+    try:
+        add_arguments(p)
+        ns = p.parse_args(argv)
+    except DuoclassError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return cmd_serve(ns)
+    except DuoclassError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Per-model micro-batching: one asyncio task gathers items from many requests and runs each batch in the
+model's own thread through the one predict path; a batch that raises is retried item by item.
+"""
+import asyncio
+import collections
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from duoclass.serve.metrics import Metrics
+from duoclass.serve.requests import RequestError
+from duoclass.serve.settings import ServeSettings
+
+log = logging.getLogger("duoclass")
+
+
+# --- micro-batching ---------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    item: Any  # bytes (an image) or str (a text): never a path
+    name: str  # for messages: "item 0", "file 'a.png'"
+    cost: int  # encoded length (text) or 1
+    top_k: int
+    future: asyncio.Future
+    queued: float  # loop time
+
+
+class InternalError(Exception):
+    """The model failed on an item for a reason that is not the input's fault; the request gets a 500."""
+
+
+class ModelWorker:
+    """One model: its queue of items, the asyncio task that batches them, and the one thread that runs it."""
+
+    def __init__(self, name: str, clf: Any, folder: Path, settings: ServeSettings, metrics: Metrics):
+        self.name, self.clf, self.folder, self.settings, self.metrics = name, clf, folder, settings, metrics
+        self.queue: collections.deque[_Pending] = collections.deque()
+        self.token_budget = settings.max_tokens if clf.task == "text" else 0
+        self._changed = asyncio.Event()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"duoclass-{name}")
+        self._task: asyncio.Task | None = None
+        self._batch_seconds = 0.01  # running mean, for Retry-After
+        self.closed = False
+
+    # the event-loop side -----------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"duoclass-batcher-{self.name}")
+
+    async def stop(self) -> None:
+        self.closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for p in self.queue:
+            if not p.future.done():
+                p.future.set_exception(RequestError(503, "the server is shutting down; retry on another instance",
+                                                    "shutting_down", {"Retry-After": "5"}))
+        self.queue.clear()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained: batches ahead x mean seconds per batch."""
+        batches = math.ceil(len(self.queue) / self.settings.max_batch_size)
+        return max(1, min(60, math.ceil(batches * self._batch_seconds)))
+
+    async def predict(self, items: Sequence[Any], names: Sequence[str], costs: Sequence[int], top_k: int) -> list[Any]:
+        """One Prediction per item, in order, predicted alongside other requests' items."""
+        if self.closed:
+            raise RequestError(503, "the server is shutting down", "shutting_down", {"Retry-After": "5"})
+        if len(self.queue) + len(items) > self.settings.max_queue:
+            s = self.retry_after()
+            raise RequestError(429, f"model {self.name!r} is busy: {len(self.queue)} items are waiting and this request "
+                                    f"adds {len(items)} (--max-queue {self.settings.max_queue}); retry after {s} s",
+                               "queue_full", {"Retry-After": str(s)})
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures = [loop.create_future() for _ in items]
+        for item, name, cost, fut in zip(items, names, costs, futures):
+            self.queue.append(_Pending(item, name, cost, top_k, fut, now))
+        self._changed.set()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), self.settings.timeout_s)
+        except asyncio.TimeoutError:  # gather's cancellation cancelled our futures; the batcher skips them
+            raise RequestError(503, f"no prediction within {self.settings.timeout_s:g} s (--timeout-s): the server is "
+                                    "overloaded; retry later", "timeout", {"Retry-After": str(self.retry_after())}) from None
+
+    def _take(self, pop: bool) -> list[_Pending]:
+        """The next batch: up to max_batch_size live items, and for text at most token_budget padded tokens
+        (a text longer than the budget goes alone). With pop=False, only counts what it would take."""
+        batch: list[_Pending] = []
+        longest, i = 0, 0
+        while i < len(self.queue) and len(batch) < self.settings.max_batch_size:
+            p = self.queue[i]
+            if p.future.done():  # its request timed out or went away
+                if pop:
+                    self.queue.popleft()
+                else:
+                    i += 1
+                continue
+            if self.token_budget and batch and (len(batch) + 1) * max(longest, p.cost) > self.token_budget:
+                break
+            batch.append(p)
+            longest = max(longest, p.cost)
+            if pop:
+                self.queue.popleft()
+            else:
+                i += 1
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        max_wait = self.settings.max_wait_ms / 1000
+        while True:
+            while not self.queue:
+                self._changed.clear()
+                await self._changed.wait()
+            if self.settings.max_batch_size > 1 and max_wait > 0:
+                # Wait for more items until the batch is full or the oldest item has waited max_wait.
+                # Items that came while the model was busy have usually waited that long already.
+                deadline = self.queue[0].queued + max_wait
+                while (left := deadline - loop.time()) > 0:
+                    live = self._take(pop=False)
+                    if len(live) == self.settings.max_batch_size or len(live) < sum(not p.future.done() for p in self.queue):
+                        break  # full (by count or, for text, by tokens)
+                    self._changed.clear()
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), left)
+                    except asyncio.TimeoutError:
+                        break
+            batch = self._take(pop=True)
+            if not batch:
+                continue
+            now = loop.time()
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._thread, self._run, batch)
+            except Exception as e:  # noqa: BLE001  (the thread pool is gone: shutting down)
+                log.exception("model %s: batch of %d failed", self.name, len(batch))
+                results = [InternalError(f"{type(e).__name__}: {e}")] * len(batch)
+            seconds = time.perf_counter() - t0
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+            m = self.metrics
+            with m._lock:
+                m.batch_size.observe(self.name, value=len(batch))
+                m.batch_seconds.observe(self.name, value=seconds)
+                for p, r in zip(batch, results):
+                    m.queue_wait.observe(self.name, value=now - p.queued)
+                    ok = not isinstance(r, Exception) and r.error is None
+                    m.items.inc(self.name, "ok" if ok else "error")
+            for p, r in zip(batch, results):
+                if p.future.done():
+                    continue
+                if isinstance(r, Exception):
+                    p.future.set_exception(r)
+                else:
+                    r.top_k = r.top_k[: p.top_k]  # the batch ran with its largest top_k; a stable sort's prefix
+                    p.future.set_result(r)
+
+    # the model thread ---------------------------------------------------------------------
+    def _run(self, batch: list[_Pending]) -> list[Any]:
+        """predict_items once for the whole batch. Should it raise (a bug, not a bad input: those get their own
+        error), each item is retried alone so that only the one that fails it gets an InternalError."""
+        k = max(p.top_k for p in batch)
+        try:
+            return self._predict([p.item for p in batch], [p.name for p in batch], k)
+        except Exception:  # noqa: BLE001
+            log.exception("model %s: a batch of %d items failed; predicting them one by one", self.name, len(batch))
+        out: list[Any] = []
+        for p in batch:
+            try:
+                out += self._predict([p.item], [p.name], k)
+            except Exception as e:  # noqa: BLE001
+                log.exception("model %s: %s failed", self.name, p.name)
+                out.append(InternalError(f"{type(e).__name__}: {e}"))
+        return out
+
+    def _predict(self, items: list[Any], names: list[str], top_k: int) -> list[Any]:
+        from duoclass.infer.predict import predict_items
+
+        clf = self.clf
+        return predict_items(clf.preprocessor, clf.backend, clf.classes_, items, len(items), top_k, clf.tta, names=names)
+
+    def warm_up(self) -> None:
+        """One prediction at start, so the first request does not pay for lazy initialisation."""
+        if self.clf.task == "text":
+            item: Any = "warm up"
+        else:
+            import io
+
+            from PIL import Image
+
+            buf = io.BytesIO()
+            size = int(self.clf.preprocessor.image_size)
+            Image.new("RGB", (size, size), (128, 128, 128)).save(buf, format="PNG")
+            item = buf.getvalue()
+        self._predict([item], ["warm-up"], 1)

@@ -1,0 +1,93 @@
+"""Server settings (`duoclass serve --help`): limits, batching, token; the flags are generated from them.
+"""
+import argparse
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from duoclass.errors import DuoclassError
+
+log = logging.getLogger("duoclass")
+
+TOKEN_ENV = "DUOCLASS_TOKEN"
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ServeSettings:
+    """Settings of `duoclass serve`. Each field is a flag (`max_batch_size` -> --max-batch-size)."""
+
+    host: str = _f("127.0.0.1", "address to bind; the default serves this machine only (use 0.0.0.0 with --token)")
+    port: int = _f(8000, "TCP port (0 picks a free one)")
+    backend: str = _f("torch", "what runs the models: torch, onnx or onnx-int8 (those the model folders hold)")
+    device: str = _f("auto", "where the torch backend runs: auto, cpu, cuda, mps")
+    token: Optional[str] = _f(None, f"API token wanted as `Authorization: Bearer TOKEN` on every endpoint but /healthz; "
+                                    f"without it, ${TOKEN_ENV} is used (prefer the variable: a flag shows in `ps`)")
+    max_batch_size: int = _f(32, "most items one model call takes from the queue; 1 switches micro-batching off")
+    max_wait_ms: float = _f(5.0, "how long the oldest queued item waits for more to fill a batch")
+    max_tokens: int = _f(16384, "text models: most padded tokens in one batch (items x longest encoded length)")
+    max_queue: int = _f(256, "most items waiting per model; past it requests get 429 with Retry-After")
+    max_in_flight: int = _f(512, "most requests handled at once (all endpoints but /healthz and /metrics); past it 429")
+    max_items: int = _f(64, "most images or texts in one request")
+    max_text_chars: int = _f(10_000, "most characters in one text")
+    max_body_bytes: int = _f(16 * 1024 * 1024, "largest request body, in bytes")
+    max_image_bytes: int = _f(8 * 1024 * 1024, "largest image (one multipart part, or one decoded base64 image), in bytes")
+    max_files: int = _f(16, "most file parts in one multipart body")
+    max_pixels: int = _f(40_000_000, "largest image in pixels (width x height), checked before decoding")
+    timeout_s: float = _f(30.0, "longest a request waits for its prediction before a 503 with Retry-After")
+    docs: bool = _f(True, "serve the OpenAPI page at /docs and the schema at /openapi.json")
+    access_log: bool = _f(True, "log one line per request")
+
+    def __post_init__(self) -> None:
+        from duoclass.settings.config import check_types
+
+        check_types(self)
+
+        def bad(name: str, msg: str) -> None:
+            raise DuoclassError(f"--{name.replace('_', '-')}: {msg}")
+
+        if not 0 <= self.port <= 65535:
+            bad("port", f"got {self.port}; use 1 to 65535 (or 0 for any free port)")
+        for name in ("max_batch_size", "max_tokens", "max_queue", "max_in_flight", "max_items", "max_text_chars",
+                     "max_body_bytes", "max_image_bytes", "max_files", "max_pixels"):
+            if getattr(self, name) < 1:
+                bad(name, f"got {getattr(self, name)}; must be a positive integer")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            bad("max_wait_ms", f"got {self.max_wait_ms}; use 0 to 10000 milliseconds, e.g. 5")
+        if not self.timeout_s > 0:
+            bad("timeout_s", f"got {self.timeout_s}; must be > 0 seconds, e.g. 30")
+        if self.max_items > self.max_queue:
+            bad("max_items", f"got {self.max_items}, more than --max-queue {self.max_queue}; a request that large "
+                             "could never be queued: lower --max-items or raise --max-queue")
+        if self.token is not None and not self.token.strip():
+            bad("token", "is empty; pass a long random string (e.g. from `python -c \"import secrets; "
+                         "print(secrets.token_urlsafe(32))\"`) or leave it out")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            bad("device", f"got {self.device!r}; choose one of: auto, cpu, cuda, cuda:N, mps")
+
+
+# --- running it -------------------------------------------------------------------------------
+def resolve_token(settings: ServeSettings) -> ServeSettings:
+    """The settings with the token from $DUOCLASS_TOKEN when none was given."""
+    if settings.token is None and os.environ.get(TOKEN_ENV, "").strip():
+        return dataclasses.replace(settings, token=os.environ[TOKEN_ENV].strip())
+    return settings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `duoclass serve`: MODEL_DIR... and one per ServeSettings field."""
+    from duoclass.settings.flags import add_config_flags
+
+    p.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                   help="model folders to serve, each DIR or NAME=DIR (default name: the folder's, or its run "
+                        "folder's when it is called `model`)")
+    add_config_flags(p, ServeSettings)
+
+
+def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
+    return ServeSettings(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(ServeSettings) if hasattr(ns, f.name)})
