@@ -135,3 +135,65 @@ def test_training_still_skips_empty_rows_and_counts_them(tmp_path: Path) -> None
     p.write_text(FOUR_ROWS, encoding="utf-8")
     assert len(read_table(p)[1]) == 2
     assert len(read_table(p, keep_blank_rows=True)[1]) == 4
+
+
+# --- data the model cannot read, or that leaks ------------------------------------------------
+def test_a_tokenizer_that_does_not_cover_the_data_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """An English vocabulary on Chinese reviews maps most tokens to [UNK]: a warning names the share and the fix;
+    English text with the same tokenizer gets none."""
+    from duoclass.preprocess.text import TextPreprocessor
+    from duoclass.training.text_data import TextDataset, train_tokenizer, warn_unknown_tokens
+
+    from .test_text import toy_rows
+
+    tok, _ = train_tokenizer([r[1] for r in toy_rows(160, "train", 0)], vocab_size=200)
+    pre = TextPreprocessor("hf", 32, True, tok, "trained")
+    chinese = TextDataset(pre.encode(["房间很干净，服务也很好", "早餐一般，隔音很差"] * 5), [0, 1] * 5)
+    english = TextDataset(pre.encode([r[1] for r in toy_rows(10, "x", 3)]), [0, 1] * 5)
+    caplog.set_level("WARNING", logger="duoclass")
+    assert warn_unknown_tokens(pre, english, "m") == 0.0 and not caplog.records
+    share = warn_unknown_tokens(pre, chinese, "hf:english-model")
+    assert share > 0.5
+    assert "hf:english-model" in caplog.text and "unknown to its tokenizer" in caplog.text and "albert-scratch" in caplog.text
+
+
+def test_texts_shared_between_train_and_test_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Verbatim duplicates between train and test (13% of the SMS spam test split) are counted and named."""
+    from .test_text import toy_rows, write_csv
+
+    train = toy_rows(60, "train", 0)
+    test = toy_rows(10, "test", 2) + [("dup-1", train[3][1], train[3][2]), ("dup-2", train[8][1], train[8][2])]
+    write_csv(tmp_path / "d" / "train.csv", train)
+    write_csv(tmp_path / "d" / "valid.csv", toy_rows(20, "valid", 1))
+    write_csv(tmp_path / "d" / "test.csv", test)
+    caplog.set_level("WARNING", logger="duoclass")
+    duoclass.train(tmp_path / "d", model="tfidf-mlp", epochs=1, output=str(tmp_path / "run"), **FAST)
+    hits = [r.getMessage() for r in caplog.records if "verbatim" in r.getMessage()]
+    assert any(m.startswith("2 of 12 test texts") for m in hits), hits
+    assert not any(" valid texts" in m for m in hits), hits
+
+
+def test_training_into_an_earlier_run_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    """A second run into the same --output is refused with the ways out; --overwrite replaces it, and the
+    TensorBoard folder then holds this run's curves alone."""
+    data = make_toy(tmp_path / "toy", 40, 10)
+    run = tmp_path / "run"
+    settings = dict(FAST, tensorboard=True)
+    duoclass.train(data, model="tfidf-mlp", epochs=1, output=str(run), **settings)
+    first = sorted(p.name for p in (run / "tensorboard").iterdir())
+    with pytest.raises(duoclass.DuoclassError, match=r"holds an earlier run; pass --overwrite to replace it, --resume .* to continue it"):
+        duoclass.train(data, model="tfidf-mlp", epochs=1, output=str(run), **settings)
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == first  # nothing touched
+    duoclass.train(data, model="tfidf-mlp", epochs=1, output=str(run), overwrite=True, **settings)
+    again = sorted(p.name for p in (run / "tensorboard").iterdir())
+    assert len(again) == len(first) == 1 and again != first  # the old event file is gone, one new one
+
+
+def test_a_run_folder_given_as_model_folder_says_which_to_use(text_model: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    run = text_model.parent
+    src = tmp_path / "in.csv"
+    src.write_text(FOUR_ROWS, encoding="utf-8")
+    assert cli.main(["predict", str(run), str(src), "--output", str(tmp_path / "o.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run}: a run folder, not a model folder; did you mean {run / 'model'}?"]

@@ -168,6 +168,20 @@ def test_adversarial_trials_train_with_the_adversarial_step(digits: Path, tmp_pa
     assert yaml.safe_load((tmp_path / "adv" / "best.yaml").read_text())["adversarial"] == "fgsm"
 
 
+def test_trials_never_look_at_the_test_split(toy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Holds: tune chooses on valid only: no trial evaluates (or logs) the test split."""
+    write_csv(toy.parent / "with-test" / "train.csv", toy_rows(60, "train", 0))
+    write_csv(toy.parent / "with-test" / "valid.csv", toy_rows(20, "valid", 1))
+    write_csv(toy.parent / "with-test" / "test.csv", toy_rows(20, "test", 2))
+    caplog.set_level("INFO", logger="duoclass")
+    tune(TrainConfig(data=str(toy.parent / "with-test"), model="fasttext", epochs=1, **QUIET), trials=1,
+         study_dir=tmp_path / "s")
+    m = json.loads((tmp_path / "s" / "trial-0" / "metrics.json").read_text())
+    assert m["test"] is None and m["valid"]["accuracy"] is not None
+    logged = [r.getMessage().replace(str(tmp_path), "") for r in caplog.records]
+    assert logged and not [m for m in logged if "test" in m.lower().replace("/ test 0,", "")], logged
+
+
 def test_a_step_of_its_own_is_refused_with_adversarial(digits: Path, tmp_path: Path) -> None:
     """Holds: `run` never silently drops the settings' step: an explicit step together with --adversarial is an error."""
     from duoclass.errors import DuoclassError

@@ -289,6 +289,8 @@ def _read_config(folder: Path, recover: bool = False, keep_weights: bool = True)
         raise DuoclassError(f"{folder}: model folder not found; pass the folder written by `duoclass train` (RUN_DIR/model)")
     cfg_path = folder / CONFIG
     if not cfg_path.is_file():
+        if (folder / "model" / CONFIG).is_file():
+            raise DuoclassError(f"{folder}: a run folder, not a model folder; did you mean {folder / 'model'}?")
         raise DuoclassError(f"{cfg_path}: missing; {folder} is not a complete duoclass model folder (re-run training or copy the whole folder)")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))

@@ -44,7 +44,8 @@ def run_demo(output: str | Path = "runs/demo", epochs: int = 12) -> dict:
         write_digits(data)
         log.info("wrote scikit-learn's digits to %s", data)
     clf = api.train(data, model="msresnet-tiny", image_size=32, epochs=epochs, batch_size=64, lr=3e-3,
-                    augment="light", hflip=0.0, output=str(out / "run"), seed=0, progress=False)
+                    augment="light", hflip=0.0, output=str(out / "run"), seed=0, progress=False,
+                    overwrite=True)
     metrics = clf.evaluate(data, split="test")
     n, _ = predict_to_csv(clf, data / "test", out / "predictions.csv", top_k=3)
     summary = {"test_accuracy": round(metrics["accuracy"], 4), "test_f1_macro": round(metrics["f1_macro"], 4),

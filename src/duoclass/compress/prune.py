@@ -464,7 +464,7 @@ def _finetune(cfg: dict[str, Any], name: str, args: dict[str, Any], model: "nn.M
                 values, settings_from = base.to_dict(), str(run_yaml)
     lr = values.get("lr") or default_lr(name)  # the rate the original run used
     values.update(data=str(data), model=name, pretrained=None, task="image", image_size=int(cfg["preprocessing"]["image_size"]),
-                  output=str(out), resume=None, epochs=epochs, max_steps=0, device=device, lr=lr,
+                  output=str(out), overwrite=True, resume=None, epochs=epochs, max_steps=0, device=device, lr=lr,
                   warmup_epochs=0.0, dropout=args.get("dropout", values.get("dropout")))
     values.update(overrides)
     settings = resolve(TrainConfig(**values))

@@ -20,7 +20,7 @@ import numpy as np
 
 from duoclass.data.sources import display
 from duoclass.errors import DuoclassError
-from duoclass.preprocess.load import load_each
+from duoclass.preprocess.load import Encoded, load_each
 
 log = logging.getLogger("duoclass")
 
@@ -101,7 +101,8 @@ def predict_items(pre: Any, backend: Any, classes: Sequence[str], inputs: Sequen
         for i, e in errors.items():
             results[i].error = e
         for i, enc in encoded.items():
-            results[i].warning = pre.warning(inputs[i], enc)
+            raw = inputs[i].raw if isinstance(inputs[i], Encoded) else inputs[i]
+            results[i].warning = pre.warning(raw, enc)
         return encoded
 
     def run(idx: list[int], encoded: list[Any]) -> None:

@@ -1,6 +1,6 @@
 """Batch prediction on Ray: the one predict path as a stateful callable for Ray Data's `map_batches`.
 
-    duoclass predict runs/sst2/model test.csv --engine ray --workers 2 --output predictions.csv
+    duoclass predict runs/sst2/model test.csv --engine ray --ray-workers 2 --output predictions.csv
 
     import ray
     from duoclass.ray_predict import predict_dataset

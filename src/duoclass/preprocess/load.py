@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,16 @@ def preprocessor_from_config(task: str, cfg: dict[str, Any], folder: Path) -> Im
     raise DuoclassError(f"{folder}: task {task!r} is not supported by this version of duoclass; upgrade it")
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """An input already encoded by the same preprocessor: `raw` as given, `value` what `load` made of it.
+    The server encodes each text once, off the model thread, to size its batches by tokens; the predict
+    path then uses `value` instead of encoding it again."""
+
+    raw: Any
+    value: Any
+
+
 def load_each(pre: Any, inputs: Sequence[Any], indices: Sequence[int] | None = None) -> tuple[dict[int, Any], dict[int, str]]:
     """Encode the inputs (those at `indices`, default all) with the preprocessor: ({index: encoded} for the
     usable ones, {index: the one-line reason} for the others). The one "load each input, skip on error" loop:
@@ -27,6 +38,9 @@ def load_each(pre: Any, inputs: Sequence[Any], indices: Sequence[int] | None = N
     encoded: dict[int, Any] = {}
     errors: dict[int, str] = {}
     for i in range(len(inputs)) if indices is None else indices:
+        if isinstance(inputs[i], Encoded):
+            encoded[i] = inputs[i].value
+            continue
         try:
             encoded[i] = pre.load(inputs[i])
         except DuoclassError as e:

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from duoclass.errors import DuoclassError
+from duoclass.preprocess.image import to_unit
 
 log = logging.getLogger("duoclass")
 
@@ -89,12 +90,14 @@ def sample_counts(model: Any, x: Any, num: int, sigma: float, batch_size: int, g
 def certify_pixels(model: Any, x: Any, sigma: float, n: int = 1000, n0: int = 100, alpha: float = 0.001,
                    batch_size: int = 200, seed: int = 0) -> list[Certificate]:
     """CERTIFY for each image of x, float (N, 3, H, W) in [0, 1] on the model's device; `model` takes
-    {"pixel_values": x} and returns logits. Seeded: the same seed gives the same certificates."""
+    {"pixel_values": x} and returns scores (B, C) whose argmax is its vote: a torch module's logits, or
+    `certify`'s wrapper of the one predict path. Seeded: the same seed gives the same certificates."""
     import torch
     from scipy.stats import norm
 
     check_settings(sigma, n, n0, alpha, batch_size)
-    model.eval()
+    if hasattr(model, "eval"):
+        model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
     out = []
     with torch.inference_mode():
@@ -134,8 +137,13 @@ def certify(clf: Any, data: str | Path, split: str = "test", sigma: float = 0.25
     dev = next(clf.model.parameters()).device
     start = time.perf_counter()
     log.info("certifying %d images: sigma %g, n0 %d, n %d, alpha %g", len(images.labels), sigma, n0, n, alpha)
-    x = torch.from_numpy(images.pixels).to(dev).float().div_(255.0)
-    certs = certify_pixels(clf.model, x, sigma, n, n0, alpha, batch_size, seed)
+    x = torch.from_numpy(to_unit(images.pixels)).to(dev)
+
+    def vote(batch: dict[str, Any]) -> Any:  # the base classifier is the classifier: the one predict path (TTA included)
+        probs = clf.predict_batch({"pixel_values": batch["pixel_values"].cpu().numpy()})
+        return torch.from_numpy(probs).to(dev)
+
+    certs = certify_pixels(vote, x, sigma, n, n0, alpha, batch_size, seed)
     seconds = time.perf_counter() - start
     rows = []
     for name, y, c in zip(images.names, images.labels, certs):

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from duoclass.errors import DuoclassError
+from duoclass.preprocess.load import Encoded, load_each
 from duoclass.serve.auth import COOKIE, LOGIN_PAGE, _Guard, _html_escape, _is_loopback, _session_value
 from duoclass.serve.batcher import InternalError, ModelWorker
 from duoclass.serve.cards import PLOTS, model_card, parse_model_args
@@ -322,10 +323,11 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
         t0 = time.perf_counter()
         w = worker_of(name)
         items, names, top_k = await read_items(request, w)
-        if w.clf.task == "text":  # encoded lengths, for the batcher's token budget (tokenizing is off the loop)
-            costs = [max(1, len(ids)) for ids in await asyncio.to_thread(w.clf.preprocessor.encode, items)]
-        else:
-            costs = [1] * len(items)
+        costs = [1] * len(items)
+        if w.clf.task == "text":  # tokenized once, off the event loop: the batcher's token budget, then the model
+            encoded, _ = await asyncio.to_thread(load_each, w.clf.preprocessor, items)
+            costs = [max(1, len(encoded[i])) if i in encoded else 1 for i in range(len(items))]
+            items = [Encoded(t, encoded[i]) if i in encoded else t for i, t in enumerate(items)]
         try:
             results = await w.predict(items, names, costs, top_k)
         except InternalError as e:
@@ -337,8 +339,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
             more = f" (and {len(failed) - 1} more items)" if len(failed) > 1 else ""
             raise RequestError(422, f"{names[first['index']]}: {first['error']}{more}",
                                "bad_image" if w.clf.task == "image" else "bad_text", items=failed)
-        out = [{"label": r.label, "score": r.score, "top_k": [{"label": c, "score": p} for c, p in r.top_k],
-                "warning": r.warning} for r in results]
+        out = [{k: v for k, v in r.to_dict().items() if k in ("label", "score", "top_k", "warning")} for r in results]
         return JSONResponse({"model": name, "predictions": out,
                              "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
 

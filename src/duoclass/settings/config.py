@@ -212,6 +212,8 @@ class TrainConfig:
     # --- run ----------------------------------------------------------------------------
     output: str = _f("runs/train", "run folder; the best model lands in OUTPUT/model/", group="run")
     resume: Optional[str] = _f(None, "continue an interrupted run from its folder", group="run", example="runs/train")
+    overwrite: bool = _f(False, "replace an earlier run in --output (model, metrics, TensorBoard logs); without it such "
+                                "an --output is refused", group="run")
     seed: int = _f(0, "random seed", group="run")
     deterministic: bool = _f(False, "deterministic algorithms and data order (bit-exact resume on CPU)", group="run")
     device: Literal["auto", "cpu", "cuda", "mps"] = _f("auto", "where to train", group="run")

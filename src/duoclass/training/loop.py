@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import sys
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +248,9 @@ def show_progress(cfg: TrainConfig, d: Dist) -> bool:
     return cfg.progress and d.main and sys.stderr.isatty()
 
 
+# fit is longer than the other functions on purpose: it is the whole loop, read top to bottom (the module
+# docstring is its outline); each piece that has a name of its own (step, batches, optimizer, schedule, EMA,
+# evaluation, saving) is a function of its own, so what is left here is the order in which they happen.
 def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: Step | None = None,
         on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> RunResult:
     """Train, validate every epoch, keep the best model folder, evaluate it on test.
@@ -270,6 +274,12 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
     state_path = run_dir / "state.pt"
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:  # a new run (or --overwrite): an earlier run's curves must not mix with this one's
+            for old in ("tensorboard", "metrics.csv", "metrics.jsonl", "skipped.csv", "state.pt"):
+                if (run_dir / old).is_dir():
+                    shutil.rmtree(run_dir / old)
+                elif (run_dir / old).exists():
+                    (run_dir / old).unlink()
         cfg.save(run_dir / "config.yaml")
 
     # model, loss, optimizer, schedule

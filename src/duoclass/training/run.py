@@ -103,6 +103,10 @@ def _check_early(cfg: TrainConfig) -> None:
         raise DuoclassError(
             f"{Path(cfg.resume) / 'state.pt'}: no training state to resume from; pass the --output folder of an earlier run"
         )
+    out = Path(cfg.output)
+    if not cfg.resume and not cfg.overwrite and any((out / f).exists() for f in ("config.yaml", "metrics.json", "model")):
+        raise DuoclassError(f"{out}: holds an earlier run; pass --overwrite to replace it, --resume {out} to continue it, "
+                            "or another --output")
     input_kind(cfg.model)  # an unknown model name fails here, before any data is read
     spec = get_spec(cfg.model)
     if cfg.pretrained and spec is not None:

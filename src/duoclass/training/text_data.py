@@ -269,6 +269,8 @@ def prepare_text(cfg: Any, given: dict[str, Any] | None = None) -> "TaskData":
         return TextDataset(pre.encode([r.text for r in recs]), labels)
 
     train_ds, valid_ds, test_ds = build("train"), build("valid"), build("test")
+    warn_unknown_tokens(pre, train_ds, cfg.model)  # type: ignore[arg-type]
+    warn_shared_texts(splits)
     train_ds = augmented_training_set(cfg, [r.text for r in train], train_ds, pre, notes)  # type: ignore[arg-type]
     # Length buckets pay off for transformers, whose cost grows with the padded length. A bag of
     # n-grams gains little, and on small data whose length tracks the label (long texts = spam)
@@ -302,6 +304,44 @@ def prepare_text(cfg: Any, given: dict[str, Any] | None = None) -> "TaskData":
         extra_files=pre.files(),
         augment=None,
     )
+
+
+UNKNOWN_TOKENS_WARN = 0.05  # share of [UNK] among the training tokens above which a tokenizer does not fit the data
+
+
+def unknown_token_share(pre: TextPreprocessor, ids: Sequence[Sequence[int]]) -> float:
+    """Share of the content tokens (special tokens left out) that the tokenizer maps to its unknown token."""
+    if pre.kind != "hf" or pre.unk_id is None:
+        return 0.0
+    content = [i for row in ids for i in row if i == pre.unk_id or i not in pre.special_ids]  # [UNK] is special too
+    return sum(i == pre.unk_id for i in content) / max(1, len(content))
+
+
+def warn_unknown_tokens(pre: TextPreprocessor, train: Any, model: str) -> float:
+    """Warn when the tokenizer does not cover the training texts (an English vocabulary on Chinese text maps
+    most of it to [UNK], and the model then learns the class mix); returns the share."""
+    share = unknown_token_share(pre, train.cache)
+    if share > UNKNOWN_TOKENS_WARN:
+        log.warning("%s: %.0f%% of the training tokens are unknown to its tokenizer ([UNK]); it cannot read this data. "
+                    "Pick a model whose tokenizer covers the language, or albert-scratch-tiny / tfidf-mlp, which build "
+                    "their vocabulary from your texts", model, 100 * share)
+    return share
+
+
+def warn_shared_texts(splits: dict[str, list[Any]]) -> dict[str, int]:
+    """Warn when valid or test texts also stand verbatim in train (they overstate the figures); counts per split."""
+    seen = {r.text.strip() for r in splits.get("train") or []}
+    counts = {}
+    for split in ("valid", "test"):
+        recs = splits.get(split) or []
+        shared = [r for r in recs if r.text.strip() in seen]
+        counts[split] = len(shared)
+        if shared:
+            log.warning("%d of %d %s texts (%.1f%%) also stand verbatim in the training split (e.g. %s: %r); the %s "
+                        "figures overstate how the model does on new texts: remove them from one of the splits",
+                        len(shared), len(recs), split, 100 * len(shared) / len(recs), shared[0].where,
+                        shared[0].text[:60], split)
+    return counts
 
 
 def augmented_training_set(cfg: Any, texts: list[str], ds: TextDataset, pre: TextPreprocessor, notes: list[str]) -> Any:

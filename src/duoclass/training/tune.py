@@ -101,7 +101,6 @@ def tune(config: TrainConfig, trials: int, study_dir: str | Path = "runs/tune", 
     differ from TrainConfig's defaults. pruner: an Optuna pruner (default: `default_pruner()`).
     """
     from duoclass.training.run import prepare, resolve, run
-    from duoclass.artifacts.atomic import atomic_write_json, atomic_write_text
     from duoclass.report.metrics import HIGHER_IS_BETTER
 
     optuna = _optuna()
@@ -114,32 +113,12 @@ def tune(config: TrainConfig, trials: int, study_dir: str | Path = "runs/tune", 
     if not config.data:
         raise DuoclassError("tune: no DATA given; pass a dataset folder, zip or CSV")
     fixed = set(changed_settings(config) if fixed is None else fixed) - NOT_FIXABLE
-    base = resolve(dataclasses.replace(config, resume=None))
+    base = resolve(dataclasses.replace(config, resume=None, output=str(study_dir)))  # trials write to trial-N
     metric = base.select_metric
     direction = "maximize" if HIGHER_IS_BETTER.get(metric, True) else "minimize"
 
     root = Path(study_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # duoclass logs each trial itself
-    study = optuna.create_study(storage=f"sqlite:///{(root / 'study.db').resolve()}", study_name="duoclass",
-                                direction=direction, load_if_exists=True)
-    if study.direction.name.lower() != direction:
-        raise DuoclassError(f"{root / 'study.db'}: the study {study.direction.name.lower()}s its metric, but "
-                            f"--select-metric {metric} needs {direction}; use another --study-dir")
-    previous = study.user_attrs.get("data")
-    if previous is None:
-        study.set_user_attr("data", base.data)
-        study.set_user_attr("select_metric", metric)
-    elif previous != base.data or study.user_attrs.get("select_metric") != metric:
-        log.warning("%s: the study was started on %s (%s); now %s (%s): its trials are not comparable",
-                    root / "study.db", previous, study.user_attrs.get("select_metric"), base.data, metric)
-    if not study.trials:
-        # The first trial of a new study runs the settings as given, so the best found is never worse on
-        # valid than not tuning at all.
-        study.enqueue_trial(starting_point(base, fixed))
-    # Seeded by --seed and the trials so far, so a resumed study does not repeat its first suggestions.
-    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
-    study.pruner = pruner if pruner is not None else default_pruner()
+    study = _open_study(optuna, root, base, fixed, metric, direction, pruner)
 
     prepared: dict[Any, Any] = {}  # datasets depend only on max_length among the searched settings
 
@@ -161,11 +140,48 @@ def tune(config: TrainConfig, trials: int, study_dir: str | Path = "runs/tune", 
                 log.info("trial %d pruned after epoch %d (valid %s %.4f)", trial.number, epoch, metric, valid[metric])
                 raise optuna.TrialPruned(f"valid {metric} {valid[metric]:.4f} after epoch {epoch}")
 
-        result = run(cfg, data=data, on_epoch=report)  # the settings' step (--adversarial) in every trial
+        # the settings' step (--adversarial) in every trial; no trial looks at the test split, so none can be
+        # chosen by it (train the winner with `duoclass train --config best.yaml` for its test figures)
+        result = run(cfg, data=dataclasses.replace(data, test=None), on_epoch=report)
         trial.set_user_attr("run_dir", cfg.output)
         return float(result.valid[metric])
 
     study.optimize(objective, n_trials=trials, timeout=timeout)
+    return _write_best(study, root, base, fixed, metric, direction)
+
+
+def _open_study(optuna: Any, root: Path, base: TrainConfig, fixed: set[str], metric: str, direction: str,
+                pruner: Any) -> Any:
+    """The study in root/study.db (created, or resumed with a warning when its data or metric changed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # duoclass logs each trial itself
+    study = optuna.create_study(storage=f"sqlite:///{(root / 'study.db').resolve()}", study_name="duoclass",
+                                direction=direction, load_if_exists=True)
+    if study.direction.name.lower() != direction:
+        raise DuoclassError(f"{root / 'study.db'}: the study {study.direction.name.lower()}s its metric, but "
+                            f"--select-metric {metric} needs {direction}; use another --study-dir")
+    previous = study.user_attrs.get("data")
+    if previous is None:
+        study.set_user_attr("data", base.data)
+        study.set_user_attr("select_metric", metric)
+    elif previous != base.data or study.user_attrs.get("select_metric") != metric:
+        log.warning("%s: the study was started on %s (%s); now %s (%s): its trials are not comparable",
+                    root / "study.db", previous, study.user_attrs.get("select_metric"), base.data, metric)
+    if not study.trials:
+        # The first trial of a new study runs the settings as given, so the best found is never worse on
+        # valid than not tuning at all.
+        study.enqueue_trial(starting_point(base, fixed))
+    # Seeded by --seed and the trials so far, so a resumed study does not repeat its first suggestions.
+    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
+    study.pruner = pruner if pruner is not None else default_pruner()
+    return study
+
+
+def _write_best(study: Any, root: Path, base: TrainConfig, fixed: set[str], metric: str, direction: str) -> dict[str, Any]:
+    """best.yaml (a file `train --config` accepts) and summary.json of the study; returns the summary."""
+    import optuna
+
+    from duoclass.artifacts.atomic import atomic_write_json, atomic_write_text
 
     states = optuna.trial.TrialState
     count = {name: sum(t.state == getattr(states, name.upper()) for t in study.trials)
