@@ -7,7 +7,7 @@ For each model, the whole `duoclass predict` command, timed from process start t
 model load and, for Ray, starting a local Ray instance and its workers included):
 
   local   duoclass predict MODEL INPUT --output local.csv                 (torch's threads, 2 on 2 cores)
-  ray     duoclass predict MODEL INPUT --engine ray --workers W --output ray.csv   (W workers, 1 CPU each)
+  ray     duoclass predict MODEL INPUT --engine ray --ray-workers W --output ray.csv   (W workers, 1 CPU each)
 
 run --repeats times, alternating, then the two CSVs compared byte for byte. Images: the chest X-ray
 train split (../shared/data/images/pneumoniamnist/train, 4,708 PNGs); text: SST-2 valid (6,735 rows).
@@ -65,7 +65,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"local": [], "ray": []}
         for i in range(a.repeats):
             times["local"].append(timed([*common, "--output", str(local_csv)], log))
-            times["ray"].append(timed([*common, "--engine", "ray", "--workers", str(a.workers), "--output", str(ray_csv)],
+            times["ray"].append(timed([*common, "--engine", "ray", "--ray-workers", str(a.workers), "--output", str(ray_csv)],
                                       log))
             print(f"{kind} repeat {i}: local {times['local'][-1]:.1f} s, ray {times['ray'][-1]:.1f} s", flush=True)
         rows = len(local_csv.read_text(encoding="utf-8").splitlines()) - 1

@@ -119,7 +119,7 @@ def test_one_bad_image_among_good_ones(digits_model: Path, digits: Path, tmp_pat
     assert np.allclose(probs[[0, 2, 3]], clf.predict_proba([good[0], good[1], good[2]]), atol=1e-6)
     out = clf(inputs, top_k=2)
     assert len(out[0]) == 2 and set(out[0][0]) == {"label", "score"} and "error" in out[1][0]
-    assert clf(good[0])[0]["label"] == labels[0]  # one input: its own list of {label, score}
+    assert clf(good[0])["label"] == labels[0]  # one input: its {label, score}
     assert "msresnet-tiny" in repr(clf) and "classes=" in repr(clf)
 
 

@@ -77,7 +77,7 @@ def weights_of(folder: Path) -> torch.Tensor:
 # --- integrity: every file, config.json included ------------------------------------------------
 def test_a_saved_folder_loads_and_lists_every_file(folder: Path) -> None:
     clf = duoclass.load(folder, device="cpu")
-    assert clf.classes_ == CLASSES
+    assert clf.classes_.tolist() == CLASSES
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["format_version"] == 2 and cfg["config_sha256"] == config_digest(cfg)
     assert set(cfg["files"]) == {"model.safetensors", "metrics.json"}
@@ -106,7 +106,7 @@ def test_reformatting_config_json_keeps_it_valid(folder: Path) -> None:
     """The digest covers the content (canonical JSON), not the layout: re-indenting is no edit."""
     p = folder / "config.json"
     p.write_text(json.dumps(json.loads(p.read_text()), indent=None, sort_keys=True), encoding="utf-8")
-    assert duoclass.load(folder, device="cpu").classes_ == CLASSES
+    assert duoclass.load(folder, device="cpu").classes_.tolist() == CLASSES
 
 
 def test_edited_metrics_are_refused(folder: Path) -> None:
@@ -219,7 +219,7 @@ def test_update_metrics_keeps_the_folder_loadable(folder: Path) -> None:
     update_model_folder_metrics(folder, final)
     assert json.loads((folder / "metrics.json").read_text()) == final
     assert torch.equal(weights_of(folder), before)
-    assert duoclass.load(folder, device="cpu").classes_ == CLASSES
+    assert duoclass.load(folder, device="cpu").classes_.tolist() == CLASSES
     assert sorted(p.name for p in folder.parent.iterdir()) == ["model"]  # no temporary sibling left
 
 
@@ -243,7 +243,7 @@ def write_format1(folder: Path) -> None:
 def test_format1_folders_still_load_and_update_to_format2(tmp_path: Path) -> None:
     folder = tmp_path / "model"
     write_format1(folder)
-    assert duoclass.load(folder, device="cpu").classes_ == CLASSES
+    assert duoclass.load(folder, device="cpu").classes_.tolist() == CLASSES
     update_model_folder_metrics(folder, {"epoch": 1, "test": {"accuracy": 0.5}})
     cfg = read_model_config(folder)
     assert cfg["format_version"] == 2 and "metrics.json" in cfg["files"] and cfg["training"]["seed"] == 0

@@ -374,7 +374,7 @@ def test_models_and_cards(client: httpx.Client, image_clf: duoclass.Classifier, 
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert list(models) == [IMAGE, TEXT]
     img = models[IMAGE]
-    assert img["task"] == "image" and img["classes"] == image_clf.classes_ and img["preprocessing"]["image_size"] == 16
+    assert img["task"] == "image" and img["classes"] == image_clf.classes_.tolist() and img["preprocessing"]["image_size"] == 16
     saved = json.loads((image_clf.folder / "metrics.json").read_text())
     assert img["metrics"]["test"]["accuracy"] == saved["test"]["accuracy"]
     assert models[TEXT]["task"] == "text" and models[TEXT]["preprocessing"]["tokenizer"] == "ngram-vocab"

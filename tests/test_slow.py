@@ -60,7 +60,7 @@ def test_tfidf_mlp_on_question_types(tmp_path: Path) -> None:
 def same_csv_on_ray(model: Path, inputs: Path, tmp_path: Path, rows: int) -> None:
     """`predict --engine ray --workers 2` on a real test split writes local predict's CSV, byte for byte."""
     pytest.importorskip("ray")
-    for name, extra in (("local", []), ("ray", ["--engine", "ray", "--workers", "2"])):
+    for name, extra in (("local", []), ("ray", ["--engine", "ray", "--ray-workers", "2"])):
         r = run_cli("predict", str(model), str(inputs), "--top-k", "2", "--output", str(tmp_path / f"{name}.csv"),
                     "--device", "cpu", *extra, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -493,11 +493,11 @@ def test_length_bucketed_batches() -> None:
 
 
 def test_only_transformers_get_length_buckets(toy: Path) -> None:
-    from duoclass import api
     from duoclass.settings.config import TrainConfig
+    from duoclass.training.run import prepare, resolve_settings
 
     def bucketed(model: str) -> bool:
-        return api.prepare(api.resolve_settings(TrainConfig(data=str(toy), model=model))).train.bucket
+        return prepare(resolve_settings(TrainConfig(data=str(toy), model=model))).train.bucket
 
     assert bucketed("albert-scratch-tiny") and not bucketed("fasttext") and not bucketed("tfidf-mlp")
 

@@ -24,7 +24,8 @@ config.json, format_version 2 (a key not listed here is refused):
     inputs          optional: tensor name -> {"dtype": "float32" | "int64", "shape": [int > 0, or "batch" /
                     "sequence" for a dynamic axis], "range": [low, high] (optional)}
     variants        optional: name -> {"path": a file or folder inside the model folder, "format": str, ...}
-    training        optional: a free-form record of the run (data, seed, epochs, ...), never interpreted
+    training        optional: a record of the run (data, seed, epochs, the training step, ...); only
+                    `recorded_training` reads it (the data path, as an absolute path, and the seed)
     versions        {"duoclass": ..., "torch": ..., ...} that wrote the folder
     files           relative path -> SHA-256 of every file in the folder except config.json
     config_sha256   SHA-256 of config.json's own content: the canonical JSON (sorted keys, no
@@ -429,3 +430,36 @@ def _write_folder(folder: Path, base: dict[str, Any], blobs: dict[str, bytes]) -
     if problem:
         raise DuoclassError(f"{folder}: cannot save the model folder: {problem}")
     replace_folder(folder, {**blobs, CONFIG: _json_bytes(cfg)}, _verifies)
+
+
+def recorded_training(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What config.json's "training" record says that other stages use: {"data": the dataset path as recorded
+    (absolute since format 2 runs record it so; may not exist on this machine) or None, "seed": int}.
+    The one reader of that record: export, quantize, prune and the transformers export go through it."""
+    t = cfg.get("training") if isinstance(cfg.get("training"), dict) else {}
+    data = t.get("data")
+    seed = t.get("seed")
+    return {"data": data if isinstance(data, str) and data else None,
+            "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else 0}
+
+
+# --- variants ----------------------------------------------------------------------------------
+BACKENDS = ("torch", "onnx", "onnx-int8")  # what `backend=` / `--backend` accept
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise DuoclassError(f"--backend {backend}: unknown backend; choose one of: {', '.join(BACKENDS)}")
+
+
+def backend_variant(folder: Path, cfg: dict[str, Any], backend: str) -> dict[str, Any] | None:
+    """The folder's record of the variant `backend` runs (None for torch, which runs the weights); a clear error
+    for an unknown backend or a variant the folder does not have."""
+    check_backend_name(backend)
+    if backend == "torch":
+        return None
+    variant = cfg.get("variants", {}).get(backend)
+    if variant is None:
+        how = "duoclass export MODEL_DIR --format onnx" if backend == "onnx" else "duoclass quantize MODEL_DIR"
+        raise DuoclassError(f"{folder}: --backend {backend}: the folder has no {backend} variant; make it with `{how}`")
+    return variant

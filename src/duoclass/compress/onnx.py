@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from duoclass.artifacts.folder import recorded_training
 from duoclass.errors import DuoclassError
 from duoclass.preprocess.load import load_each
 
@@ -49,8 +50,8 @@ def training_data(cfg: dict[str, Any], data: str | Path | None, folder: Path, fl
         if not path.exists():
             raise DuoclassError(f"{flag} {data}: not found; pass a dataset of the kind the model was trained on")
         return path
-    recorded = cfg.get("training", {}).get("data")
-    if isinstance(recorded, str) and Path(recorded).exists():
+    recorded = recorded_training(cfg)["data"]
+    if recorded is not None and Path(recorded).exists():
         return Path(recorded)
     where = f" ({recorded})" if recorded else ""
     raise DuoclassError(f"{folder}: the training data config.json records{where} is not readable from here; "

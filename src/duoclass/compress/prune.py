@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from duoclass.artifacts.folder import recorded_training
 from duoclass.errors import DuoclassError
 from duoclass.preprocess.load import load_each
 
@@ -359,8 +360,8 @@ def prune_model_folder(model_dir: str | Path, amount: float = 0.3, output: str |
     out = Path(output) if output is not None else source.with_name(f"{source.name}-pruned")
     out_model = out / "model" if finetune_epochs else out
     _check_output(source, out, out_model)
-    training = cfg.get("training", {})
-    data_path = Path(data) if data is not None else (Path(training["data"]) if training.get("data") else None)
+    recorded = recorded_training(cfg)["data"]
+    data_path = Path(data) if data is not None else (Path(recorded) if recorded else None)
     if data is not None and not data_path.exists():
         raise DuoclassError(f"--data {data}: no such file or folder; pass the dataset the model was trained on")
     if finetune_epochs and (data_path is None or not data_path.exists()):
@@ -382,7 +383,7 @@ def prune_model_folder(model_dir: str | Path, amount: float = 0.3, output: str |
         dev = pick_device(device)
         pre = preprocessor_from_config(cfg["task"], cfg["preprocessing"], source)
         calibrated = recalibrate_bn(pruned.to(dev), calibration_batches(data_path, pre, calibrate,
-                                                                          training.get("seed", 0)), dev)
+                                                                          recorded_training(cfg)["seed"]), dev)
         pruned.cpu()
     elif calibrate:
         log.warning("BN statistics not re-estimated: no training data at hand; pass data= (--data DIR)")
@@ -400,7 +401,7 @@ def prune_model_folder(model_dir: str | Path, amount: float = 0.3, output: str |
         settings_from = None
         folder_cfg = model_folder_config(
             cfg["task"], name, {**args, "channels": plan}, cfg["classes"], cfg["preprocessing"],
-            evaluation=cfg.get("evaluation"), inputs=cfg.get("inputs"), training={**training, "pruning": record})
+            evaluation=cfg.get("evaluation"), inputs=cfg.get("inputs"), training={**cfg.get("training", {}), "pruning": record})  # the record, copied
         save_model_folder(out, pruned.state_dict(), folder_cfg)
         model_folder = out
     clf = Classifier.from_folder(model_folder, device=device)  # the pruned model as users load it
@@ -452,7 +453,7 @@ def _finetune(cfg: dict[str, Any], name: str, args: dict[str, Any], model: "nn.M
     from duoclass.training.distributed import prepare_once
     from duoclass.models import default_lr, resolve_name
 
-    values, settings_from = {"seed": cfg.get("training", {}).get("seed", 0)}, None
+    values, settings_from = {"seed": recorded_training(cfg)["seed"]}, None
     run_yaml = source.parent / "config.yaml"  # written by the run that produced the folder
     if run_yaml.is_file():
         try:

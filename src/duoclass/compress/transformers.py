@@ -43,6 +43,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from duoclass.artifacts.folder import recorded_training
 from duoclass.errors import DuoclassError
 
 log = logging.getLogger("duoclass")
@@ -215,9 +216,9 @@ def sample_texts(cfg: dict[str, Any], examples: int = EXAMPLES) -> tuple[list[st
     came from; FIXED_TEXTS and "fixed texts" when that data is not readable here."""
     from duoclass.data.text_files import read_text_dataset
 
-    data = cfg.get("training", {}).get("data")
+    data = recorded_training(cfg)["data"]
     pre = cfg["preprocessing"]
-    if isinstance(data, str) and data:
+    if data:
         try:
             splits, _, _ = read_text_dataset(data, pre.get("text_column", "text"), pre.get("label_column", "label"))
         except (DuoclassError, OSError, ValueError) as e:

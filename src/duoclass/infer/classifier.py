@@ -22,30 +22,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from duoclass.artifacts.folder import backend_variant, check_backend_name
 from duoclass.errors import DuoclassError, NotFittedError
 from duoclass.infer.predict import predict_probs, Prediction, evaluate_results, predict_items, probabilities
 
 log = logging.getLogger("duoclass")
 
-BACKENDS = ("torch", "onnx", "onnx-int8")  # what `backend=` / `--backend` accept
-
-
-def check_backend_name(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise DuoclassError(f"--backend {backend}: unknown backend; choose one of: {', '.join(BACKENDS)}")
-
-
-def backend_variant(folder: Path, cfg: dict[str, Any], backend: str) -> dict[str, Any] | None:
-    """The folder's record of the variant `backend` runs (None for torch, which runs the weights); a clear error
-    for an unknown backend or a variant the folder does not have."""
-    check_backend_name(backend)
-    if backend == "torch":
-        return None
-    variant = cfg.get("variants", {}).get(backend)
-    if variant is None:
-        how = "duoclass export MODEL_DIR --format onnx" if backend == "onnx" else "duoclass quantize MODEL_DIR"
-        raise DuoclassError(f"{folder}: --backend {backend}: the folder has no {backend} variant; make it with `{how}`")
-    return variant
 
 
 def _as_list(inputs: Any) -> tuple[list[Any], bool]:

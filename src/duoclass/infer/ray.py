@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from duoclass.infer.classifier import backend_variant
+from duoclass.artifacts.folder import backend_variant
 from duoclass.errors import DuoclassError
 from duoclass.infer.predict import Prediction, batch_order, predict_items, resolve_top_k
 from duoclass.infer.csv import csv_inputs, write_predictions_csv

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from duoclass.errors import DuoclassError
-from duoclass.preprocess.load import Encoded, load_each
 from duoclass.serve.auth import COOKIE, LOGIN_PAGE, _Guard, _html_escape, _is_loopback, _session_value
 from duoclass.serve.batcher import InternalError, ModelWorker
 from duoclass.serve.cards import PLOTS, model_card, parse_model_args
@@ -325,6 +324,8 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
         items, names, top_k = await read_items(request, w)
         costs = [1] * len(items)
         if w.clf.task == "text":  # tokenized once, off the event loop: the batcher's token budget, then the model
+            from duoclass.preprocess.load import Encoded, load_each
+
             encoded, _ = await asyncio.to_thread(load_each, w.clf.preprocessor, items)
             costs = [max(1, len(encoded[i])) if i in encoded else 1 for i in range(len(items))]
             items = [Encoded(t, encoded[i]) if i in encoded else t for i, t in enumerate(items)]

@@ -89,7 +89,7 @@ def model_card(name: str, clf: Any, folder: Path, backend: str) -> tuple[dict[st
         "name": name,
         "task": clf.task,
         "model": cfg.get("model", {}).get("name"),
-        "classes": list(clf.classes_),
+        "classes": clf.classes_.tolist(),
         "backend": backend,
         "preprocessing": cfg.get("preprocessing", {}),
         "evaluation": cfg.get("evaluation", {}),

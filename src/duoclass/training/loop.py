@@ -239,7 +239,7 @@ def model_config(cfg: TrainConfig, data: TaskData, model_name: str, model_args: 
     return model_folder_config(
         data.task, model_name, model_args, data.classes, data.preprocessor.to_config(),
         evaluation={"tta": bool(cfg.tta), "top_k": cfg.top_k}, inputs=data.preprocessor.inputs(),
-        training={"data": cfg.data, "seed": cfg.seed, "epochs": cfg.epochs, **(how or {"step": "standard"})},
+        training={"data": os.path.abspath(cfg.data), "seed": cfg.seed, "epochs": cfg.epochs, **(how or {"step": "standard"})},
     )
 
 
