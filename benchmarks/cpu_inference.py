@@ -130,7 +130,7 @@ def arm_duoclass(folder: Path, data: Path, backend: str, a: argparse.Namespace) 
     from duoclass.infer.predict import predict_items
 
     clf = duoclass.load(folder, backend=backend, device="cpu")
-    inputs, names, labels, _ = clf.split_inputs(data, "test")
+    inputs, names, labels, _, _ = clf.split_inputs(data, "test")
     pre = clf.preprocessor
     if clf.task == "image":  # decode once: the figure is the model's, not the JPEG decoder's
         inputs = [pre.load(x) for x in inputs]

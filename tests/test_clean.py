@@ -356,13 +356,25 @@ def test_cli_clean_prints_bad_files_and_summary(tree, tmp_path) -> None:
         hit = [ln for ln in lines if ln.strip().startswith("bad") and ln.split(": ", 1)[0].endswith(f"{cls}/{name}")]
         assert len(hit) == 1, (key, r.stdout)
         assert reason in hit[0] and "[moved to " in hit[0]
+    grouped = [ln for ln in lines if ln.startswith("converted on load (usable as they are")]
+    assert len(grouped) == 1, r.stdout  # conversions are counted by kind, not listed file by file
     for key in CONVERTED:
         name, _, _, note = LAYOUT[key]
-        assert any(ln.strip().startswith("converted") and name in ln and note in ln for ln in lines), (key, r.stdout)
+        assert note in grouped[0] and not any(name in ln for ln in lines), (key, r.stdout)
     assert any(ln.strip().startswith("duplicate") and DUPLICATE[1] in ln and "[moved to " in ln for ln in lines)
     assert not any("img_001.png" in ln for ln in lines)  # ok files are not listed
-    assert (f"{len(before)} files checked: {2 * N_GOOD} ok, {len(CONVERTED)} converted on load, "
-            f"{len(BAD)} bad, 1 duplicates, 0 non-image files; {len(BAD) + 1} moved to quarantine") in r.stdout
+    problems = [i for i, ln in enumerate(lines) if ln.strip().startswith(("bad", "duplicate"))]
+    assert problems == list(range(len(problems)))  # the problems come first
+    assert (f"{len(before)} files checked: {2 * N_GOOD + len(CONVERTED)} usable ({2 * N_GOOD} as they are, "
+            f"{len(CONVERTED)} converted on load), {len(BAD)} bad, 1 duplicates, 0 non-image files; "
+            f"{len(BAD) + 1} moved to quarantine") in r.stdout
+    listed = run_cli("clean", str(tree), "--list-converted", timeout=120).stdout.splitlines()
+    for key in CONVERTED:
+        name, _, _, note = LAYOUT[key]
+        assert any(ln.strip().startswith("converted") and name in ln and note in ln for ln in listed), (key, listed)
+    for quiet in (["-q", "clean", str(tree)], ["clean", str(tree), "-q"]):
+        out = run_cli(*quiet, timeout=120).stdout.splitlines()
+        assert len(out) == 1 and "files checked" in out[0], out
     assert "cli_report.json" in r.stdout and (tmp_path / "cli_report.json").is_file() and (tmp_path / "cli_report.csv").is_file()
     moved = [rel(tree, k) for k in BAD] + [f"train/{DUPLICATE[0]}/{DUPLICATE[1]}"]
     assert sorted(hashes(qdir)) == sorted(moved)

@@ -172,3 +172,20 @@ def test_the_checks_can_fail(broken: str, tmp_path: Path, monkeypatch: pytest.Mo
     assert bad, "a lower stage importing a higher one must be reported"
     if broken == "circle":
         assert cycles(folders)
+
+
+def test_long_functions_say_why() -> None:
+    """No function over 80 lines without a comment just above it that says why it is long."""
+    bad = []
+    for p in sorted(SRC.rglob("*.py")):
+        lines = p.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 2
+                block = []
+                while first >= 0 and lines[first].strip().startswith("#"):
+                    block.append(lines[first].lower())
+                    first -= 1
+                if not any("long" in line for line in block):
+                    bad.append(f"{p.relative_to(SRC.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not bad, bad

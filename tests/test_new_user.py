@@ -197,3 +197,94 @@ def test_a_run_folder_given_as_model_folder_says_which_to_use(text_model: Path, 
     assert cli.main(["predict", str(run), str(src), "--output", str(tmp_path / "o.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {run}: a run folder, not a model folder; did you mean {run / 'model'}?"]
+
+
+def test_a_folder_of_class_folders_is_evaluated_whole(digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`evaluate MODEL xrays/test` (class folders, no split folders) evaluates that folder, labelled 'test'."""
+    clf = duoclass.train(digits, model="msresnet-tiny", image_size=16, epochs=1, output=str(tmp_path / "run"), **FAST)
+    whole = clf.evaluate(digits, split="test")
+    m = clf.evaluate(digits / "test")
+    assert m["split"] == "test" and m["n"] == whole["n"] and m["accuracy"] == whole["accuracy"]
+    assert cli.main(["evaluate", str(clf.folder), str(digits / "test")]) == 0
+    assert capsys.readouterr().out.startswith(f"test: n={whole['n']}")
+    import shutil
+
+    shutil.copytree(digits / "test", tmp_path / "holdout")
+    assert clf.evaluate(tmp_path / "holdout")["split"] == "all"
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file(tmp_path: Path) -> None:
+    """Holds: a regular file is replaced atomically (temp file, then rename), so a write that fails part-way
+    leaves the old content whole and no temp file; the new content arrives as a new file (new inode)."""
+    from duoclass.artifacts.atomic import atomic_write, atomic_write_text
+
+    target = tmp_path / "predictions.csv"
+    target.write_text("old\n")
+    inode = target.stat().st_ino
+
+    def half(f) -> None:
+        f.write(b"ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, half)
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "new.csv", half)  # a file that did not exist yet: it still does not
+    assert not (tmp_path / "new.csv").exists()
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n" and target.stat().st_ino != inode
+
+
+def test_only_dash_and_the_real_stdout_count_as_stdout(tmp_path: Path) -> None:
+    from duoclass.artifacts.atomic import is_stdout
+
+    assert is_stdout("-") and not is_stdout(None) and not is_stdout("")
+    for name in ("+out.csv", ",x", "--", "- ", str(tmp_path / "o.csv"), str(tmp_path)):
+        assert not is_stdout(name), name
+
+
+# --- data of the wrong kind, files that are not images -----------------------------------------
+@pytest.fixture(scope="module")
+def image_model(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("newuser-img")
+    return Path(duoclass.train(digits, model="msresnet-tiny", image_size=16, epochs=1, output=str(out / "run"), **FAST).result_.model_dir)
+
+
+def _err(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_data_of_the_wrong_kind_says_which_kind_the_model_is(image_model: Path, text_model: Path, digits: Path,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    texts = tmp_path / "texts.csv"
+    texts.write_text(FOUR_ROWS, encoding="utf-8")
+    out = ["--output", str(tmp_path / "o.csv")]
+    assert "holds texts (a 'text' column), and this is an image model" in _err(capsys, ["predict", str(image_model), str(texts), *out])
+    assert "holds images, and this is a text model" in _err(capsys, ["predict", str(text_model), str(digits / "test"), *out])
+    toy = make_toy(tmp_path / "toy", 20, 6)
+    line = _err(capsys, ["train", str(toy), "--model", "msresnet", "--output", str(tmp_path / "r1")])
+    assert "--model msresnet: an image model, but" in line and "holds text data" in line
+    line = _err(capsys, ["train", str(digits), "--model", "tfidf-mlp", "--output", str(tmp_path / "r2")])
+    assert "--model tfidf-mlp: a text model, but" in line and "holds image data" in line
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_files_that_are_not_images_keep_their_rows(image_model: Path, digits: Path, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    folder = tmp_path / "scans"
+    shutil.copytree(digits / "test" / "0", folder)
+    (folder / "scan.dcm").write_bytes(b"DICM" + b"\x00" * 200)
+    (folder / "README").write_text("notes")
+    (folder / ".DS_Store").write_bytes(b"\x00")
+    out = tmp_path / "o.csv"
+    assert cli.main(["predict", str(image_model), str(folder), "--output", str(out)]) == 0
+    rows = {Path(r["path"]).name: r for r in _rows(out.read_text())}
+    assert rows["scan.dcm"]["error"] and rows["scan.dcm"]["label"] == "" and rows["README"]["error"]
+    assert ".DS_Store" not in rows and sum(1 for r in rows.values() if not r["error"]) == len(list((digits / "test" / "0").iterdir()))
+    assert "2 of" in caplog.text and ".dcm: 1" in caplog.text and "no extension: 1" in caplog.text

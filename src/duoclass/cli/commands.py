@@ -151,7 +151,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(m))
     else:
-        print(f"{ns.split}: n={m['n']}  accuracy {m['accuracy']:.4f}  precision_macro {m['precision_macro']:.4f}  "
+        print(f"{m.get('split', ns.split)}: n={m['n']}  accuracy {m['accuracy']:.4f}  precision_macro {m['precision_macro']:.4f}  "
               f"recall_macro {m['recall_macro']:.4f}  f1_macro {m['f1_macro']:.4f}  f1_weighted {m['f1_weighted']:.4f}")
         for c, s in m["per_class"].items():
             print(f"  {c:>20}  precision {s['precision']:.4f}  recall {s['recall']:.4f}  f1 {s['f1']:.4f}  n={s['support']}")
@@ -287,9 +287,18 @@ def cmd_clean(ns: argparse.Namespace) -> int:
     from duoclass.data.clean import clean
 
     rep = clean(ns.data, quarantine=ns.quarantine, report=ns.report, max_pixels=ns.max_pixels)
-    for f in rep.findings:
-        if f.status != "ok":
+    order = {"bad": 0, "duplicate": 1, "ignored": 2, "converted": 3}
+    shown = [f for f in rep.findings if f.status != "ok" and (ns.list_converted or f.status != "converted")]
+    if not ns.quiet:  # the problems first, one line each; conversions are counted below (--list-converted lists them)
+        for f in sorted(shown, key=lambda f: order.get(f.status, 9)):
             print(f"{f.status:>9}  {f.path}: {f.reason}" + (f" [{f.action}]" if f.action else ""))
+        kinds: dict[str, int] = {}
+        for f in rep.findings:
+            if f.status == "converted":
+                kinds[f.reason] = kinds.get(f.reason, 0) + 1
+        if kinds and not ns.list_converted:
+            print("converted on load (usable as they are; --list-converted names them): "
+                  + "; ".join(f"{why} ({n:,})" for why, n in sorted(kinds.items(), key=lambda kv: -kv[1])))
     print(rep.summary())
     if ns.report:
         print(f"report: {Path(ns.report).with_suffix('.json')} and {Path(ns.report).with_suffix('.csv')}")
@@ -346,6 +355,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+# Long on purpose: one declaration per command, in the order `duoclass --help` lists them, so this function
+# reads as the command line's reference; each command's work is in its cmd_* function above.
 def build_parser() -> argparse.ArgumentParser:
     from duoclass import __version__
 
@@ -509,6 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quarantine", help="move bad files and duplicates here (never deleted)")
     c.add_argument("--report", help="write the report to FILE.json and FILE.csv")
     c.add_argument("--max-pixels", type=int, default=None, help="pixel limit (default: Pillow's decompression-bomb limit)")
+    c.add_argument("--list-converted", action="store_true", help="also list every file converted on load (grayscale, "
+                   "palette, 16-bit, CMYK to RGB), one line each, instead of a count per kind")
+    c.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print only the summary line (same as `duoclass -q clean`)")
     c.set_defaults(func=cmd_clean)
 
     m = sub.add_parser("models", help="list model names with parameters and FLOPs")

@@ -318,6 +318,8 @@ def _test_split(data: Path | None) -> str | None:
 
 
 # --- the command ------------------------------------------------------------------------------------
+# Long on purpose: the steps of the report it prints (check, prune, re-estimate BN, measure, fine-tune,
+# measure again, write), in that order; the pruning itself and each measurement are functions of their own.
 def prune_model_folder(model_dir: str | Path, amount: float = 0.3, output: str | Path | None = None,
                        finetune_epochs: int = 0, data: str | Path | None = None, device: str = "auto",
                        calibrate: int = 512, **overrides: Any) -> dict[str, Any]:

@@ -153,6 +153,8 @@ def _scores(clf: Any, inputs: list[Any], names: list[str], labels: list[int], ba
     return {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}, [r.label for r in res]
 
 
+# Long on purpose: the steps a user reads in its report, in order (plan, quantize, measure both on the same
+# inputs, gate on speed and accuracy, write or refuse); each measurement is a function of its own.
 def quantize_model_folder(model_dir: str | Path, method: str | None = None, output: str | Path | None = None,
                           data: str | Path | None = None, split: str = "test", max_accuracy_drop: float = 0.5,
                           force: bool = False, calibration: int = 256, batch_size: int = 32,
@@ -193,7 +195,7 @@ def quantize_model_folder(model_dir: str | Path, method: str | None = None, outp
         from duoclass.compress.onnx import batches
 
         calib = batches(fp32.preprocessor, sample_inputs(fp32, src_data, calibration), batch_size)
-    inputs, names, labels, _ = fp32.split_inputs(src_data, split)
+    inputs, names, labels, _, split = fp32.split_inputs(src_data, split)
     if not inputs:
         raise DuoclassError(f"{src_data}: the {split} split is empty; pass --split NAME or --data DIR with labelled examples")
     with tempfile.TemporaryDirectory(prefix="duoclass-int8-") as tmp:

@@ -166,8 +166,9 @@ class CleanReport:
 
     def summary(self) -> str:
         return (
-            f"{self.root}: {self.total} files checked: {self.ok} ok, {self.converted} converted on load, "
-            f"{self.bad} bad, {self.duplicates} duplicates, {self.ignored} non-image files"
+            f"{self.root}: {self.total} files checked: {self.ok + self.converted} usable ({self.ok} as they are, "
+            f"{self.converted} converted on load), {self.bad} bad, {self.duplicates} duplicates, "
+            f"{self.ignored} non-image files"
             + (f"; {self.quarantined} moved to quarantine" if self.quarantined else "")
             + (f"; {self.outside_root} outside the data root not moved" if self.outside_root else "")
         )

@@ -11,6 +11,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from duoclass.errors import DuoclassError
 from duoclass.data.splits import SPLIT_ALIASES
@@ -28,6 +29,7 @@ class Dataset:
     # files seen in class folders that are not images by extension: (ref, reason)
     ignored: list[tuple[str, str]] = field(default_factory=list)
     read_only: bool = False
+    flat: bool = False  # a folder of class folders, no split folders: its examples stand as "train"
 
 
 def _hidden(name: str) -> bool:
@@ -106,7 +108,19 @@ def _read_folder(root: Path) -> Dataset:
         )
     else:
         _read_class_tree(root, ds, "train")
+        ds.flat = True
     return ds
+
+
+def labelled_split(ds: Dataset, split: str, data: Any) -> tuple[list[tuple[str, str]], str]:
+    """The examples to evaluate for `split`, and the split's name to report. A folder of class folders (such
+    as xrays/test/<class>/...) has no splits: it is evaluated whole, named after the folder when that is a
+    split name ('test' for xrays/test), else 'all'."""
+    if ds.flat:
+        return ds.splits.get("train", []), SPLIT_ALIASES.get(Path(ds.root).name.lower(), "all")
+    if split not in ds.splits:
+        raise DuoclassError(f"{data}: no '{split}' split (found: {', '.join(sorted(ds.splits))}); pass --split NAME")
+    return ds.splits[split], split
 
 
 # --- zip ----------------------------------------------------------------------------------

@@ -149,6 +149,11 @@ def read_predict_inputs(path: str | Path, text_column: str = "text") -> tuple[li
     if p.is_dir():
         cands = [p / n for n in ("testa.csv", "testa.tsv", "testa.jsonl") if (p / n).is_file()]
         if not cands:
+            from duoclass.data.sources import IMAGE_EXTS
+
+            if any(f.suffix.lower() in IMAGE_EXTS for f in p.rglob("*") if f.is_file()):
+                raise DuoclassError(f"{p}: holds images, and this is a text model; predict them with an image model, "
+                                    "or pass a CSV/TSV/JSONL of texts")
             raise DuoclassError(f"{p}: no testa.csv in the folder; pass the CSV/TSV/JSONL file to predict")
         p = cands[0]
     elif not p.is_file():

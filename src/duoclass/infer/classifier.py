@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -46,6 +46,17 @@ def _as_list(inputs: Any) -> tuple[list[Any], bool]:
         return list(inputs), False
     return list(inputs), False
 
+
+
+class SplitInputs(NamedTuple):
+    """What `Classifier.split_inputs` reads: the inputs, their display names and label ids, rows skipped for
+    empty text, and the name of the split they are (see data.sources.labelled_split)."""
+
+    inputs: list[Any]
+    names: list[str]
+    labels: list[int]
+    skipped: int
+    split: str
 
 class Classifier:
     """A trained model plus its preprocessing and class names. Build one with `duoclass.load` or `duoclass.train`."""
@@ -162,9 +173,10 @@ class Classifier:
     # --- evaluation -----------------------------------------------------------------------
     def split_inputs(self, data: str | Path, split: str = "test", text_column: str | None = None,
                      label_column: str | None = None, path_column: str | None = None
-                     ) -> tuple[list[Any], list[str], list[int], int]:
+                     ) -> "SplitInputs":
         """A labelled split of a dataset as this model's inputs: (inputs, display names, label ids, rows skipped
-        for empty text). The data must be of this model's kind (images or text)."""
+        for empty text, the split's name). The data must be of this model's kind (images or text); a folder of
+        class folders is one split, evaluated whole (data.sources.labelled_split)."""
         from duoclass.data.splits import label_ids
         from duoclass.data.text_files import holds_text
 
@@ -181,15 +193,14 @@ class Classifier:
             recs, empty, where = read_eval_split(data, split, text_column, label_column)
             inputs, names, raw_labels = [r.text for r in recs], [r.where for r in recs], [r.label for r in recs]
         else:
-            from duoclass.data.sources import display, read_image_dataset
+            from duoclass.data.sources import display, labelled_split, read_image_dataset
 
             ds = read_image_dataset(data, path_column or "path", label_column)
-            if split not in ds.splits:
-                raise DuoclassError(f"{data}: no '{split}' split (found: {', '.join(sorted(ds.splits))}); pass --split NAME")
-            inputs = [ref for ref, _ in ds.splits[split]]
-            names, raw_labels, where, empty = [display(r) for r in inputs], [y for _, y in ds.splits[split]], str(data), 0
+            items, split = labelled_split(ds, split, data)
+            inputs = [ref for ref, _ in items]
+            names, raw_labels, where, empty = [display(r) for r in inputs], [y for _, y in items], str(data), 0
         labels = label_ids(raw_labels, self.classes_.tolist(), f"{where} ({split} split)")  # type: ignore[arg-type]
-        return inputs, names, labels, empty
+        return SplitInputs(inputs, names, labels, empty, split)
 
     def evaluate(self, data: str | Path, split: str = "test", batch_size: int = 64, topk_accuracy_k: int | None = None,
                  text_column: str | None = None, label_column: str | None = None,
@@ -223,9 +234,10 @@ class Classifier:
             k = int(topk_accuracy_k)
         classes = self.classes_.tolist()
         pre = self.preprocessor
-        inputs, names, labels, empty = self.split_inputs(data, split, text_column, label_column, path_column)
+        inputs, names, labels, empty, split = self.split_inputs(data, split, text_column, label_column, path_column)
         results = predict_items(pre, self.backend, classes, inputs, batch_size, 1, self.tta, names=names)
         m = evaluate_results(results, labels, classes, k, f"{data} ('{split}' split)")
+        m["split"] = split
         m["skipped_files"] += empty  # text rows with empty text are skipped when reading, as in training
         m["tta"] = self.tta
         m["topk_accuracy_k"] = k

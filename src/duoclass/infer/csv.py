@@ -23,8 +23,36 @@ log = logging.getLogger("duoclass")
 
 
 # --- batch prediction into a CSV ---------------------------------------------------------------
+TEXT_HINTS = ("testa.csv", "testa.tsv", "testa.jsonl", "train.csv", "test.csv")
+
+
+def _keep_all(p: Path, names: list[str]) -> list[str]:
+    """Every file of a folder or zip is an input: one whose extension is not an image's keeps its row, with the
+    reader's error, and is counted here by extension, so nothing leaves the prediction unseen."""
+    other: dict[str, int] = {}
+    for n in names:
+        ext = Path(n).suffix.lower()
+        if ext not in IMAGE_EXTS:
+            other[ext or "no extension"] = other.get(ext or "no extension", 0) + 1
+    if other:
+        log.warning("%s: %d of %d files have no image extension (%s); each keeps its row with the reason, e.g. "
+                    "convert DICOM (.dcm) to PNG first", p, sum(other.values()), len(names),
+                    ", ".join(f"{k}: {v}" for k, v in sorted(other.items())))
+    return names
+
+
+def _no_images(p: Path, names: list[str]) -> None:
+    """A folder or zip without one image file: say what it holds (texts, for a text model) and stop."""
+    texts = [n for n in names if Path(n).name.lower() in TEXT_HINTS or Path(n).suffix.lower() in (".csv", ".tsv", ".jsonl")]
+    if texts:
+        raise DuoclassError(f"{p}: holds text files ({Path(texts[0]).name}), not images, and this is an image model; "
+                            "predict the texts with a text model, or pass images")
+    raise DuoclassError(f"{p}: no image files found (looked for {', '.join(sorted(IMAGE_EXTS))})")
+
+
 def list_image_inputs(path: str | Path) -> list[str]:
-    """Refs for a file, a folder (recursive), a zip, or a CSV with a `path` column."""
+    """Refs for a file, a folder (recursive), a zip, or a CSV with a `path` column. Every file of a folder or zip
+    counts (hidden ones, names starting with ".", aside): one that is not an image gets its row and its error."""
     p = Path(path)
     if not p.exists():
         raise DuoclassError(f"{p}: no such file or folder; pass an image, a folder, a zip or a CSV of paths")
@@ -32,21 +60,27 @@ def list_image_inputs(path: str | Path) -> list[str]:
         out = []
         for dirpath, dirnames, files in os.walk(p):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            out += [os.path.join(dirpath, f) for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTS and not f.startswith(".")]
-        if not out:
-            raise DuoclassError(f"{p}: no image files found (looked for {', '.join(sorted(IMAGE_EXTS))})")
-        return out
+            out += [os.path.join(dirpath, f) for f in sorted(files) if not f.startswith(".")]
+        if not any(Path(f).suffix.lower() in IMAGE_EXTS for f in out):
+            _no_images(p, out)
+        return _keep_all(p, out)
     if p.suffix.lower() == ".zip":
         try:
             with zipfile.ZipFile(p) as zf:
-                names = sorted(n for n in zf.namelist() if Path(n).suffix.lower() in IMAGE_EXTS and "__MACOSX" not in n)
+                names = sorted(n for n in zf.namelist() if not n.endswith("/") and "__MACOSX" not in n
+                               and not Path(n).name.startswith("."))
         except (zipfile.BadZipFile, OSError) as e:
             raise DuoclassError(f"{p}: not a readable zip file ({e}); check the file or unzip it and pass the folder") from None
-        return [f"{p}{ZIP_SEP}{n}" for n in names]
+        if not any(Path(n).suffix.lower() in IMAGE_EXTS for n in names):
+            _no_images(p, names)
+        return [f"{p}{ZIP_SEP}{n}" for n in _keep_all(p, names)]
     if p.suffix.lower() in (".csv", ".tsv"):
         from duoclass.data.tables import read_table
 
         header, rows = read_table(p)
+        if "path" not in header and "text" in header:
+            raise DuoclassError(f"{p}: holds texts (a 'text' column), and this is an image model; predict them with "
+                                "a text model, or pass a CSV with a 'path' column of image files")
         if "path" not in header:
             raise DuoclassError(f"{p}: no 'path' column (columns: {', '.join(header)}); add a header row with a path column")
         return [r["path"] if os.path.isabs(r["path"]) else str(p.parent / r["path"]) for _, r in rows]

@@ -98,7 +98,7 @@ def read_labelled_images(clf: Any, data: str | Path, split: str = "test", max_ex
                          path_column: str | None = None, label_column: str | None = None) -> LabelledImages:
     """The images and labels of a split. With `max_examples`, N images spread evenly over the split in its
     listed order (so a class-sorted folder keeps every class); unreadable ones are skipped and counted."""
-    from duoclass.data.sources import display, read_image_dataset
+    from duoclass.data.sources import display, labelled_split, read_image_dataset
     from duoclass.data.splits import label_ids
     from duoclass.data.text_files import holds_text
 
@@ -107,9 +107,7 @@ def read_labelled_images(clf: Any, data: str | Path, split: str = "test", max_ex
         raise DuoclassError(f"{data}: holds text data, but this is an image model ({clf.config_['model']['name']}); "
                             "pass an image dataset")
     ds = read_image_dataset(data, path_column or "path", label_column or "label")
-    if split not in ds.splits:
-        raise DuoclassError(f"{data}: no '{split}' split (found: {', '.join(sorted(ds.splits))}); pass --split NAME")
-    items = ds.splits[split]
+    items, split = labelled_split(ds, split, data)
     labels = label_ids([y for _, y in items], clf.classes_, f"{data} ({split} split)")
     idx = range(len(items))
     if max_examples and max_examples < len(items):

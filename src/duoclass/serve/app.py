@@ -62,6 +62,8 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 
 
 # --- the app ----------------------------------------------------------------------------------
+# Long for now: the routes are closures over this app's workers, cards, settings and metrics. Splitting
+# them into per-concern route modules over one state object is the next step of the serving work.
 def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
                settings: ServeSettings | None = None) -> Any:
     """The FastAPI app serving these model folders ("DIR" or "NAME=DIR"). Loads every model now, so a bad
@@ -220,6 +222,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
         plot_route(plot)
 
     # --- prediction -------------------------------------------------------------------------------
+    # Long for now: one parser for both bodies (multipart and JSON) so their limits and errors stay alike.
     async def read_items(request: Request, w: ModelWorker) -> tuple[list[Any], list[str], int]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         task = w.clf.task

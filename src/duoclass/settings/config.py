@@ -134,9 +134,9 @@ class TrainConfig:
     )
 
     # --- model --------------------------------------------------------------------------
-    model: str = _f(
-        "msresnet", "model name (see `duoclass models`), timm:<name>, hf:<id-or-folder>, or a Hugging Face model folder; "
-        "text data defaults to hf:albert-base-v2", group="model"
+    model: Optional[str] = _f(
+        None, "model name (see `duoclass models`), timm:<name>, hf:<id-or-folder>, or a Hugging Face model folder; "
+        "default: msresnet for images, hf:albert-base-v2 for text", group="model", example="msresnet"
     )
     pretrained: Optional[str] = _f(
         None, "pretrained weights: a local .safetensors/.pth file, or 'hub' to use the hub cache; "

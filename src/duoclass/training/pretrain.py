@@ -170,6 +170,8 @@ def _tokenizer_and_model(cfg: PretrainConfig, texts: list[str], d: Any) -> tuple
     return tok, model, src
 
 
+# Long on purpose: the masked-LM task's own pieces (corpus, tokenizer, model, evaluate/save/finish) are
+# closures over the same tokenizer and corpus, handed to the one training loop through TaskData.
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run masked-LM pretraining through engine.fit; DIR/model is the HF folder of the best epoch. Returns a summary."""
     from duoclass.infer.torch_backend import pick_device

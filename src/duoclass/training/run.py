@@ -36,13 +36,20 @@ def infer_task(cfg: TrainConfig) -> str:
 
     if cfg.task != "auto":
         return cfg.task
-    known = get_spec(cfg.model) is not None or cfg.model.startswith(("timm:", "hf:"))
-    if known and input_kind(cfg.model) != "image":  # a text model; an image model on text data is caught later
-        return "text"
-    return "text" if holds_text(cfg.data, cfg.text_column, cfg.path_column) else "image"
+    known = cfg.model is not None and (get_spec(cfg.model) is not None or cfg.model.startswith(("timm:", "hf:")))
+    by_model = ("image" if input_kind(cfg.model) == "image" else "text") if known else None
+    if not Path(cfg.data).exists():
+        return by_model or "image"  # the reader says the data is missing, with its fix
+    by_data = "text" if holds_text(cfg.data, cfg.text_column, cfg.path_column) else "image"
+    if by_model is not None and by_model != by_data:
+        raise DuoclassError(f"--model {cfg.model}: {'an' if by_model == 'image' else 'a'} {by_model} model, but "
+                            f"{cfg.data} holds {by_data} data; pick {'an' if by_data == 'image' else 'a'} {by_data} "
+                            "model from `duoclass models` (or leave --model out for the default)")
+    return by_data
 
 
 TEXT_DEFAULT_MODEL = "hf:albert-base-v2"
+IMAGE_DEFAULT_MODEL = "msresnet"
 
 
 def resolve_settings(cfg: TrainConfig) -> TrainConfig:
@@ -55,15 +62,16 @@ def resolve_settings(cfg: TrainConfig) -> TrainConfig:
     from duoclass.models import default_dropout, default_lr, model_task
     from duoclass.models.text_models import is_hf_folder
 
-    run_model = Path(cfg.model) / "model"  # the run folder of `duoclass pretrain` holds its HF folder in model/
-    if not cfg.model.startswith(("hf:", "timm:")) and (run_model / "pretrain.json").is_file():
-        cfg = dataclasses.replace(cfg, model=str(run_model))
-    if not cfg.model.startswith(("hf:", "timm:")) and is_hf_folder(cfg.model):
-        cfg = dataclasses.replace(cfg, model=f"hf:{cfg.model}")
+    if cfg.model is not None:
+        run_model = Path(cfg.model) / "model"  # the run folder of `duoclass pretrain` holds its HF folder in model/
+        if not cfg.model.startswith(("hf:", "timm:")) and (run_model / "pretrain.json").is_file():
+            cfg = dataclasses.replace(cfg, model=str(run_model))
+        if not cfg.model.startswith(("hf:", "timm:")) and is_hf_folder(cfg.model):
+            cfg = dataclasses.replace(cfg, model=f"hf:{cfg.model}")
     task = infer_task(cfg)
     model, pretrained = cfg.model, cfg.pretrained
-    if task == "text" and model == TrainConfig.model:  # the untouched default is an image model
-        model = TEXT_DEFAULT_MODEL
+    if model is None:  # the default follows the data
+        model = TEXT_DEFAULT_MODEL if task == "text" else IMAGE_DEFAULT_MODEL
     by_model = model_task(model)
     if by_model is not None and by_model != task:
         raise DuoclassError(f"--model {model}: a {by_model} model, but {cfg.data} holds {task} data; "
