@@ -288,3 +288,36 @@ def test_files_that_are_not_images_keep_their_rows(image_model: Path, digits: Pa
     assert rows["scan.dcm"]["error"] and rows["scan.dcm"]["label"] == "" and rows["README"]["error"]
     assert ".DS_Store" not in rows and sum(1 for r in rows.values() if not r["error"]) == len(list((digits / "test" / "0").iterdir()))
     assert "2 of" in caplog.text and ".dcm: 1" in caplog.text and "no extension: 1" in caplog.text
+
+
+def test_a_duplicate_or_empty_id_does_not_refuse_the_prediction(text_model: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("id,text\n7,good film\n,bad film\n7,great film\n9,awful film\n", encoding="utf-8")
+    out = tmp_path / "o.csv"
+    assert cli.main(["predict", str(text_model), str(src), "--output", str(out)]) == 0
+    assert [r["id"] for r in _rows(out.read_text())] == ["7", "", "7", "9"]  # every row, in input order
+    assert "1 rows have an empty id (e.g. line 3)" in caplog.text and "'7' (lines 2 and 4)" in caplog.text
+
+
+def test_manifest_columns_are_remembered(digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """After `train manifest.csv --path-column filename --label-column diagnosis`, evaluate and predict take the
+    same manifest without the flags (they are in the model folder's preprocessing record)."""
+    import csv as csv_module
+
+    rows = [(str(p), p.parent.name, split) for split in ("train", "test") for p in sorted((digits / split).rglob("*.png"))]
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv_module.writer(f)
+        w.writerow(["filename", "diagnosis", "split"])
+        w.writerows(rows)
+    run = tmp_path / "run"
+    assert cli.main(["train", str(manifest), "--path-column", "filename", "--label-column", "diagnosis", "--model",
+                     "msresnet-tiny", "--image-size", "16", "--epochs", "1", "--device", "cpu", "--no-progress",
+                     "--no-tensorboard", "--output", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run / "model"), str(manifest)]) == 0
+    assert capsys.readouterr().out.startswith("test: n=")
+    out = tmp_path / "p.csv"
+    assert cli.main(["predict", str(run / "model"), str(manifest), "--output", str(out)]) == 0
+    assert len(_rows(out.read_text())) == len(rows) and not any(r["error"] for r in _rows(out.read_text()))

@@ -209,7 +209,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         n, failed = predict_to_csv_ray(ns.model_dir, ns.input, ns.output, workers=2 if ns.ray_workers is None else ns.ray_workers, top_k=ns.top_k,
                                        batch_size=ns.batch_size, text_column=ns.text_column, labels_only=ns.labels_only,
                                        backend=ns.backend, device="cpu" if ns.device == "auto" else ns.device,
-                                       address=ns.ray_address)
+                                       address=ns.ray_address, path_column=ns.path_column)
     else:
         from duoclass.infer.csv import predict_to_csv
 
@@ -217,7 +217,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
             raise DuoclassError(f"{workers_flag} and --ray-address are for --engine ray; add --engine ray or leave them out")
         clf = load_for_cli(ns)
         n, failed = predict_to_csv(clf, ns.input, ns.output, top_k=ns.top_k, batch_size=ns.batch_size,
-                                   text_column=ns.text_column, labels_only=ns.labels_only)
+                                   text_column=ns.text_column, labels_only=ns.labels_only, path_column=ns.path_column)
     if ns.output:
         from duoclass.artifacts.atomic import is_stdout
 
@@ -443,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--text-column", default=None, help="text models: column holding the text (default: the training one)")
+    pr.add_argument("--path-column", default=None,
+                    help="image models, a CSV of paths: column holding the image path (default: the training one, else path)")
     pr.add_argument("--labels-only", action="store_true", help="write only the first two columns (path or id, label)")
     pr.add_argument("--backend", default="torch", metavar="NAME",
                     help="what runs the model: torch, onnx or onnx-int8 (after `duoclass export` / `duoclass quantize`; "

@@ -79,16 +79,22 @@ def read_text_file(
             )
     has_id = "id" in header
     records, skipped, seen = [], [], {}
+    empty_ids, repeated = [], []  # prediction (skip_empty=False) keeps such rows and says so
     for line, row in rows:
         where = f"{path}: line {line}"
         rid = _cell(row.get("id")) if has_id else None
         if has_id:
             rid = (rid or "").strip()
             if not rid:
-                raise DuoclassError(f"{where}: empty id; give every row an id or drop the id column")
-            if rid in seen:
-                raise DuoclassError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]}); ids must be unique")
-            seen[rid] = line
+                if skip_empty:
+                    raise DuoclassError(f"{where}: empty id; give every row an id or drop the id column")
+                empty_ids.append(line)
+            elif rid in seen:
+                if skip_empty:
+                    raise DuoclassError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]}); ids must be unique")
+                repeated.append(f"{rid!r} (lines {seen[rid]} and {line})")
+            else:
+                seen[rid] = line
         label = None
         if label_column is not None:
             label = (_cell(row.get(label_column)) or "").strip()
@@ -101,6 +107,12 @@ def read_text_file(
                 continue
             text = ""
         records.append(TextRecord(rid, text, label, where))
+    if empty_ids:
+        log.warning("%s: %d rows have an empty id (e.g. line %d); they are predicted, their id column left empty",
+                    path, len(empty_ids), empty_ids[0])
+    if repeated:
+        log.warning("%s: %d ids repeat, e.g. %s; every row is predicted in input order, so match them by position",
+                    path, len(repeated), repeated[0])
     return records, skipped
 
 

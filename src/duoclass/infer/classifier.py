@@ -183,7 +183,8 @@ class Classifier:
         pre = self.preprocessor
         text_column = text_column or getattr(pre, "text_column", "text")
         label_column = label_column or getattr(pre, "label_column", "label")
-        is_text = holds_text(data, text_column, path_column or "path")
+        path_column = path_column or getattr(pre, "path_column", "path")
+        is_text = holds_text(data, text_column, path_column)
         if is_text != (self.task == "text"):
             raise DuoclassError(f"{data}: holds {'text' if is_text else 'image'} data, but this is {'a text' if self.task == 'text' else 'an image'} "
                                 f"model ({self.config_['model']['name']}); evaluate it on {self.task} data")
@@ -195,7 +196,7 @@ class Classifier:
         else:
             from duoclass.data.sources import display, labelled_split, read_image_dataset
 
-            ds = read_image_dataset(data, path_column or "path", label_column)
+            ds = read_image_dataset(data, path_column, label_column)
             items, split = labelled_split(ds, split, data)
             inputs = [ref for ref, _ in items]
             names, raw_labels, where, empty = [display(r) for r in inputs], [y for _, y in items], str(data), 0

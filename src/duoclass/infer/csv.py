@@ -50,7 +50,7 @@ def _no_images(p: Path, names: list[str]) -> None:
     raise DuoclassError(f"{p}: no image files found (looked for {', '.join(sorted(IMAGE_EXTS))})")
 
 
-def list_image_inputs(path: str | Path) -> list[str]:
+def list_image_inputs(path: str | Path, path_column: str = "path") -> list[str]:
     """Refs for a file, a folder (recursive), a zip, or a CSV with a `path` column. Every file of a folder or zip
     counts (hidden ones, names starting with ".", aside): one that is not an image gets its row and its error."""
     p = Path(path)
@@ -78,29 +78,33 @@ def list_image_inputs(path: str | Path) -> list[str]:
         from duoclass.data.tables import read_table
 
         header, rows = read_table(p)
-        if "path" not in header and "text" in header:
+        if path_column not in header and "text" in header:
             raise DuoclassError(f"{p}: holds texts (a 'text' column), and this is an image model; predict them with "
                                 "a text model, or pass a CSV with a 'path' column of image files")
-        if "path" not in header:
-            raise DuoclassError(f"{p}: no 'path' column (columns: {', '.join(header)}); add a header row with a path column")
-        return [r["path"] if os.path.isabs(r["path"]) else str(p.parent / r["path"]) for _, r in rows]
+        if path_column not in header:
+            raise DuoclassError(f"{p}: no {path_column!r} column (columns: {', '.join(header)}); add a header row with a "
+                                "path column, or name it with --path-column")
+        return [r[path_column] if os.path.isabs(r[path_column]) else str(p.parent / r[path_column]) for _, r in rows]
     return [str(p)]
 
 
-def csv_inputs(task: str, input_path: str | Path, text_column: str) -> tuple[list[str], list[Any], str]:
+def csv_inputs(task: str, input_path: str | Path, column: str) -> tuple[list[str], list[Any], str]:
     """What `duoclass predict` reads: (row keys, inputs, key column name). Text: the input's id column (or the
-    0-based row number) and its texts; images: the display path of every image of a file, folder, zip or CSV."""
+    0-based row number) and its texts (`column`: the text column); images: the display path of every image of
+    a file, folder, zip or CSV (`column`: a CSV manifest's path column)."""
+    text_column = column
     if task == "text":
         from duoclass.data.text_files import read_predict_inputs
 
         keys, inputs = read_predict_inputs(input_path, text_column)
         return list(keys), list(inputs), "id"
-    refs = list_image_inputs(input_path)
+    refs = list_image_inputs(input_path, column or "path")
     return [display(r) for r in refs], refs, "path"
 
 
 def predict_to_csv(clf: Any, input_path: str | Path, output: str | Path | None, top_k: int | None = 1, batch_size: int = 64,
-                   text_column: str | None = None, labels_only: bool = False) -> tuple[int, int]:
+                   text_column: str | None = None, labels_only: bool = False,
+                   path_column: str | None = None) -> tuple[int, int]:
     """Predict every input, in input order, into a CSV. Returns (rows, failed).
 
     Images: path,label,probability[,top_k],error,warning;  text: id,label,probability[,top_k],error,warning,
@@ -112,7 +116,8 @@ def predict_to_csv(clf: Any, input_path: str | Path, output: str | Path | None, 
     `duoclass predict --engine ray` (ray_predict.py) writes the same file from Ray workers.
     """
     k = resolve_top_k(top_k, len(clf.classes_))
-    column = (text_column or clf.preprocessor.text_column) if clf.task == "text" else ""
+    pre = clf.preprocessor  # the columns default to the training run's (a CSV manifest's path column too)
+    column = (text_column or pre.text_column) if clf.task == "text" else (path_column or getattr(pre, "path_column", "path"))
     keys, inputs, key = csv_inputs(clf.task, input_path, column)
     results = predict_items(clf.preprocessor, clf.backend, clf.classes_, inputs, batch_size, k, clf.tta, names=keys)
     return write_predictions_csv(results, key, k, labels_only, output, input_path)

@@ -179,7 +179,7 @@ def ray_session(address: str | None = None, cpus: float = 0) -> Iterator[Any]:
 def predict_to_csv_ray(model_dir: str | Path, input_path: str | Path, output: str | Path | None, *, workers: int = 2,
                        cpus_per_worker: float = 1, top_k: int = 1, batch_size: int = 64, text_column: str | None = None,
                        labels_only: bool = False, backend: str = "torch", device: str = "cpu",
-                       address: str | None = None) -> tuple[int, int]:
+                       address: str | None = None, path_column: str | None = None) -> tuple[int, int]:
     """`duoclass predict --engine ray`: the CSV `predict_to_csv` writes, predicted by Ray workers. (rows, failed)."""
     import pandas as pd
 
@@ -193,7 +193,7 @@ def predict_to_csv_ray(model_dir: str | Path, input_path: str | Path, output: st
     task, classes = cfg["task"], cfg["classes"]
     pre = preprocessor_from_config(task, cfg["preprocessing"], folder)
     k = resolve_top_k(top_k, len(classes))  # None: every label
-    column = (text_column or pre.text_column) if task == "text" else ""
+    column = (text_column or pre.text_column) if task == "text" else (path_column or getattr(pre, "path_column", "path"))
     keys, inputs, key = csv_inputs(task, input_path, column)
     order = batch_order(pre, inputs)  # the local path's batches: texts by encoded length, then the unusable ones
     blocks = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]

@@ -51,20 +51,24 @@ class ImagePreprocessor:
 
     task = "image"
 
-    def __init__(self, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, path_column: str = "path",
+                 label_column: str = "label"):
         self.image_size = int(image_size)
         self.max_pixels = max_pixels
+        self.path_column, self.label_column = path_column, label_column  # a CSV manifest's columns, as trained
         self._read = ByteReader()
 
     def __repr__(self) -> str:
         return f"ImagePreprocessor(image_size={self.image_size})"
 
     def to_config(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "resize": "bilinear-square", "scale": "0-1", "channels": "RGB"}
+        return {"image_size": self.image_size, "resize": "bilinear-square", "scale": "0-1", "channels": "RGB",
+                "path_column": self.path_column, "label_column": self.label_column}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], folder: Path | None = None) -> "ImagePreprocessor":
-        return cls(int(cfg["image_size"]))
+        return cls(int(cfg["image_size"]), path_column=str(cfg.get("path_column", "path")),
+                   label_column=str(cfg.get("label_column", "label")))
 
     def inputs(self) -> dict[str, dict[str, Any]]:
         """The model's input tensors: name -> dtype and shape ("batch" is a dynamic axis)."""

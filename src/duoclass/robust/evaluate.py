@@ -106,7 +106,9 @@ def read_labelled_images(clf: Any, data: str | Path, split: str = "test", max_ex
     if holds_text(data, "text", path_column or "path"):
         raise DuoclassError(f"{data}: holds text data, but this is an image model ({clf.config_['model']['name']}); "
                             "pass an image dataset")
-    ds = read_image_dataset(data, path_column or "path", label_column or "label")
+    pre = clf.preprocessor
+    ds = read_image_dataset(data, path_column or getattr(pre, "path_column", "path"),
+                            label_column or getattr(pre, "label_column", "label"))
     items, split = labelled_split(ds, split, data)
     labels = label_ids([y for _, y in items], clf.classes_, f"{data} ({split} split)")
     idx = range(len(items))

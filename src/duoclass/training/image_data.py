@@ -228,7 +228,7 @@ def prepare_images(cfg: Any) -> "TaskData":
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if cfg.pretrained:
         mean, std = None, None  # pretrained weights keep their own normalisation constants
-    pre = ImagePreprocessor(size)
+    pre = ImagePreprocessor(size, path_column=cfg.path_column, label_column=cfg.label_column)
     return TaskData(
         task="image",
         classes=classes,
