@@ -104,7 +104,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
 
 def is_stdout(path: str | Path | None) -> bool:
     """True for `-`, and for a path that is this process's standard output (`/dev/stdout`, /proc/self/fd/1)."""
-    if path is None or str(path) == "":
+    if path is None:
         return False
     if str(path) == "-":
         return True
