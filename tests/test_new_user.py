@@ -321,3 +321,52 @@ def test_manifest_columns_are_remembered(digits: Path, tmp_path: Path, capsys: p
     out = tmp_path / "p.csv"
     assert cli.main(["predict", str(run / "model"), str(manifest), "--output", str(out)]) == 0
     assert len(_rows(out.read_text())) == len(rows) and not any(r["error"] for r in _rows(out.read_text()))
+
+
+# --- papercuts --------------------------------------------------------------------------------
+def test_integer_like_labels_sort_as_numbers() -> None:
+    from duoclass.data.splits import class_order
+
+    assert class_order(["1", "10", "11", "2", "2"]) == ["1", "2", "10", "11"]
+    assert class_order(["b", "a", "10", "2"]) == ["10", "2", "a", "b"]  # not all numbers: as text
+
+
+def test_predict_reads_a_txt_file_of_one_text_per_line(text_model: Path, tmp_path: Path) -> None:
+    src = tmp_path / "posts.txt"
+    src.write_text("good film\n\nawful film\n", encoding="utf-8")
+    out = tmp_path / "o.csv"
+    assert cli.main(["predict", str(text_model), str(src), "--output", str(out)]) == 0
+    rows = _rows(out.read_text())
+    assert [r["id"] for r in rows] == ["0", "1", "2"] and "empty text" in rows[1]["warning"]
+
+
+def test_a_semicolon_csv_is_named_as_such(text_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("id;text\n1;good film\n2;bad film\n", encoding="utf-8")
+    line = _err(capsys, ["predict", str(text_model), str(src), "--output", str(tmp_path / "o.csv")])
+    assert str(src) in line and "semicolons" in line and "save the file with commas" in line
+
+
+def test_absurd_settings_are_said(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    from duoclass.settings.config import TrainConfig
+
+    caplog.set_level("WARNING", logger="duoclass")
+    TrainConfig(data="x", lr=1e3)
+    assert "--lr 1000: far above any usual rate" in caplog.text
+    caplog.clear()
+    data = make_toy(tmp_path / "toy", 30, 8)
+    duoclass.train(data, model="tfidf-mlp", epochs=1, image_size=64, output=str(tmp_path / "run"), **FAST)
+    assert "--image-size 64: applies to images; ignored for text" in caplog.text
+
+
+def test_tune_trials_keep_no_training_state(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    from duoclass.settings.config import TrainConfig
+    from duoclass.training.tune import tune
+
+    data = make_toy(tmp_path / "toy", 40, 10)
+    tune(TrainConfig(data=str(data), model="fasttext", epochs=1, progress=False, tensorboard=False, device="cpu"),
+         trials=2, study_dir=tmp_path / "s")
+    trials = sorted((tmp_path / "s").glob("trial-*"))
+    assert len(trials) == 2 and all((t / "model" / "config.json").is_file() for t in trials)
+    assert not any((t / "state.pt").exists() for t in trials)

@@ -221,7 +221,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     if ns.output:
         from duoclass.artifacts.atomic import is_stdout
 
-        print(f"wrote {n} predictions to {ns.output}" + (f" ({failed} inputs could not be read: see the error column)" if failed else ""),
+        print(f"wrote {n} predictions to {ns.output}" + (f" ({failed} input{'s' if failed != 1 else ''} could not be read: see the error column)" if failed else ""),
               file=sys.stderr if is_stdout(ns.output) else sys.stdout)
     return 0
 

@@ -226,7 +226,7 @@ def quantize_model_folder(model_dir: str | Path, method: str | None = None, outp
                         f"more than --max-accuracy-drop {max_accuracy_drop}")
     report["passed"] = not problems
     report["forced"] = bool(problems and force)
-    log.info("int8 (%s): accuracy %.4f -> %.4f, agreement %.4f, %.2fx throughput, p50 %.2f -> %.2f ms",
+    log.debug("int8 (%s): accuracy %.4f -> %.4f, agreement %.4f, %.2fx throughput, p50 %.2f -> %.2f ms",
              method, before["accuracy"], after["accuracy"], agree, ratio, speed["fp32"]["latency_ms_p50"],
              speed["int8"]["latency_ms_p50"])
     if problems and not force:

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from duoclass.errors import DuoclassError
-from duoclass.data.splits import SPLIT_ALIASES
+from duoclass.data.splits import SPLIT_ALIASES, class_order
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 ZIP_SEP = "::"
@@ -215,7 +215,7 @@ def read_image_dataset(data: str | os.PathLike, path_column: str = "path", label
         ds = _read_manifest(p, path_column, label_column)
     else:
         raise DuoclassError(f"{p}: unsupported dataset file; use a folder, a .zip or a .csv manifest of path,label")
-    classes = sorted({label for _, label in ds.splits["train"]})
+    classes = class_order(label for _, label in ds.splits["train"])
     if len(classes) < 2:
         only = f" (only '{classes[0]}')" if classes else ""
         raise DuoclassError(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -10,6 +11,15 @@ from duoclass.errors import DuoclassError
 # The one list of split names a folder or file may use: train, valid and test, with their common aliases.
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid",
                  "dev": "valid", "test": "test", "testing": "test"}
+
+
+def class_order(labels: Any) -> list[str]:
+    """The class names in output order: sorted, as numbers when every name is a whole number (1, 2, 10, not
+    1, 10, 2), else as text."""
+    names = sorted(set(labels))
+    if names and all(re.fullmatch(r"[-+]?\d+", n.strip()) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return names
 
 
 def split_name(name: str) -> str | None:

@@ -54,6 +54,9 @@ def read_table(path: str | Path, keep_blank_rows: bool = False) -> tuple[list[st
     except csv.Error as e:
         raise DuoclassError(f"{path}: line 1: malformed CSV ({e})") from None
     header = [h.strip() for h in header]
+    if delimiter == "," and len(header) == 1 and header[0].count(";") >= 1:
+        raise DuoclassError(f"{path}: line 1: the header {header[0][:60]!r} looks separated by semicolons; "
+                            "save the file with commas (or as .tsv with tabs)")
     seen = set()
     for h in header:
         if h in seen and h:

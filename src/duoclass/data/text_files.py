@@ -170,8 +170,18 @@ def read_predict_inputs(path: str | Path, text_column: str = "text") -> tuple[li
         p = cands[0]
     elif not p.is_file():
         raise DuoclassError(f"{p}: no such file or folder; pass a CSV/TSV/JSONL of texts or a folder with testa.csv")
+    if p.suffix.lower() == ".txt":  # one text per line, as `duoclass pretrain` reads a corpus; ids are line numbers - 1
+        from duoclass.data.tables import decode_text
+
+        lines = decode_text(p, p.read_bytes())[0].splitlines()
+        if not lines:
+            raise DuoclassError(f"{p}: the file is empty; put one text per line")
+        empty = sum(not t.strip() for t in lines)
+        if empty:
+            log.warning("%s: %d lines are empty; they are predicted anyway", p, empty)
+        return [str(i) for i in range(len(lines))], lines
     if p.suffix.lower() not in TEXT_EXTS:
-        raise DuoclassError(f"{p}: unsupported text file type {p.suffix!r}; use .csv, .tsv or .jsonl")
+        raise DuoclassError(f"{p}: unsupported text file type {p.suffix!r}; use .csv, .tsv, .jsonl or .txt (one text per line)")
     recs, _ = read_text_file(p, text_column, None, skip_empty=False)
     empty = sum(not r.text.strip() for r in recs)
     if empty:

@@ -234,6 +234,8 @@ class TrainConfig:
             bad("batch_size", f"got {self.batch_size}; use a positive batch size, e.g. --batch-size 64")
         if self.lr is not None and not self.lr > 0:
             bad("lr", f"got {self.lr}; the learning rate must be > 0, e.g. --lr 1e-3")
+        if self.lr is not None and self.lr > 1:
+            log.warning("--lr %g: far above any usual rate (Adam: 1e-5 to 1e-2); training will likely diverge", self.lr)
         if self.weight_decay < 0:
             bad("weight_decay", f"got {self.weight_decay}; must be >= 0")
         if not 0 <= self.label_smoothing < 1:

@@ -170,10 +170,10 @@ def prepare_images(cfg: Any) -> "TaskData":
     """Read, check, split and (when it fits) cache an image dataset for training."""
     from duoclass.data.clean import Finding, mark_duplicates, scan_refs
     from duoclass.data.sources import read_image_dataset
-    from duoclass.data.splits import SkipCounter, TaskData, label_ids, stratified_split
+    from duoclass.data.splits import SkipCounter, TaskData, class_order, label_ids, stratified_split
 
     ds = read_image_dataset(cfg.data, cfg.path_column, cfg.label_column)
-    classes = sorted({y for _, y in ds.splits["train"]})
+    classes = class_order(y for _, y in ds.splits["train"])
     train_items = ds.splits["train"]
     valid_items = ds.splits.get("valid")
     notes = []

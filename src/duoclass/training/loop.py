@@ -335,8 +335,9 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
     if d.main:
         n_test = len(data.test) if data.test is not None else 0
         log.info(
-            "%s: %s, %d classes, train %d / valid %d / test %d, %s parameters, device %s%s",
-            data.task, model_name, len(data.classes), len(data.train), len(data.valid), n_test,
+            "%s: %s, %s, train %d / valid %d / test %d, %s parameters, device %s%s",
+            data.task, model_name, "masked-LM" if data.task == "mlm" else f"{len(data.classes)} classes",
+            len(data.train), len(data.valid), n_test,
             f"{count_params(model):,}", device, f" x {d.world} processes" if d.world > 1 else "",
         )
         for note in data.notes:

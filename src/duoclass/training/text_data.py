@@ -231,7 +231,7 @@ def build_preprocessor(cfg: Any, train_texts: Sequence[str],
 
 def prepare_text(cfg: Any, given: dict[str, Any] | None = None) -> "TaskData":
     """Read, check, split and encode a text dataset for the engine; `given`: see build_preprocessor."""
-    from duoclass.data.splits import TaskData, label_ids, stratified_split
+    from duoclass.data.splits import TaskData, class_order, label_ids, stratified_split
 
     splits, skipped, single = read_text_dataset(cfg.data, cfg.text_column, cfg.label_column)
     train = splits["train"]
@@ -254,8 +254,10 @@ def prepare_text(cfg: Any, given: dict[str, Any] | None = None) -> "TaskData":
     if skipped:
         notes.append(f"skipped {len(skipped)} rows with empty text (listed in skipped.csv), e.g. {skipped[0].path}")
     if cfg.augment not in ("default", "none"):
-        notes.append(f"--augment {cfg.augment}: image augmentation presets do not apply to text; ignored")
-    classes = sorted({r.label for r in train})  # type: ignore[type-var]
+        log.warning("--augment %s: image augmentation presets do not apply to text; ignored", cfg.augment)
+    if cfg.image_size is not None:
+        log.warning("--image-size %d: applies to images; ignored for text (--max-length sets the text length)", cfg.image_size)
+    classes = class_order(r.label for r in train)  # type: ignore[arg-type]
     if len(classes) < 2:
         raise DuoclassError(f"{cfg.data}: the training data has only the class {classes[0]!r}; a classifier needs 2 or more")
 

@@ -142,7 +142,10 @@ def tune(config: TrainConfig, trials: int, study_dir: str | Path = "runs/tune", 
 
         # the settings' step (--adversarial) in every trial; no trial looks at the test split, so none can be
         # chosen by it (train the winner with `duoclass train --config best.yaml` for its test figures)
-        result = run(cfg, data=dataclasses.replace(data, test=None), on_epoch=report)
+        try:
+            result = run(cfg, data=dataclasses.replace(data, test=None), on_epoch=report)
+        finally:  # a trial is never resumed (the study goes on instead): its training state is only disk
+            (Path(cfg.output) / "state.pt").unlink(missing_ok=True)
         trial.set_user_attr("run_dir", cfg.output)
         return float(result.valid[metric])
 
