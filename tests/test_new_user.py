@@ -370,3 +370,24 @@ def test_tune_trials_keep_no_training_state(tmp_path: Path) -> None:
     trials = sorted((tmp_path / "s").glob("trial-*"))
     assert len(trials) == 2 and all((t / "model" / "config.json").is_file() for t in trials)
     assert not any((t / "state.pt").exists() for t in trials)
+
+
+def test_a_deleted_variants_folder_leaves_the_model_loadable(text_model: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from duoclass.compress.onnx import export_onnx
+
+    folder = tmp_path / "model"
+    shutil.copytree(text_model, folder)
+    export_onnx(folder)
+    onnx_file = next((folder / "variants" / "onnx").glob("*.onnx"))
+    onnx_file.unlink()  # a file missing inside a variant that is still there: damage, refused
+    with pytest.raises(duoclass.DuoclassError, match="missing from the model folder"):
+        duoclass.load(folder, device="cpu")
+    shutil.rmtree(folder / "variants")  # the whole variants/ deleted: the model itself is intact
+    clf = duoclass.load(folder, device="cpu")
+    assert clf.predict(["good film"])[0] in ("pos", "neg")
+    assert "the onnx variant was deleted; the folder loads without it" in caplog.text
+    with pytest.raises(duoclass.DuoclassError, match="no onnx variant"):
+        duoclass.load(folder, backend="onnx")

@@ -256,6 +256,22 @@ def recover_model_folder(folder: str | Path) -> bool:
     return (folder / CONFIG).is_file()
 
 
+def _variant_root(path: str) -> str:
+    """variants/onnx/model.onnx -> variants/onnx: the folder a variant lives in."""
+    parts = Path(path).parts
+    return "/".join(parts[:2]) if len(parts) > 2 and parts[0] == "variants" else path
+
+
+def _deleted_variants(folder: Path, cfg: dict[str, Any]) -> list[str]:
+    """Variants whose whole folder is gone (files listed under it but the folder itself absent)."""
+    out = []
+    for name, v in (cfg.get("variants") or {}).items():
+        root = _variant_root(str(v.get("path", "")))
+        if root.startswith("variants/") and not (folder / root).exists():
+            out.append(name)
+    return out
+
+
 def _verifies(folder: Path) -> bool:
     try:
         _read_config(folder, keep_weights=False)
@@ -314,6 +330,14 @@ def _read_config(folder: Path, recover: bool = False, keep_weights: bool = True)
         raise DuoclassError(f"{cfg_path}: checksum mismatch (config.json was edited or damaged after it was saved); "
                             "copy the model folder again")
     weights = b""
+    gone = _deleted_variants(folder, cfg)  # a variant deleted whole (rm -r variants/onnx): the model itself is intact
+    if gone:
+        log.warning("%s: the %s variant%s %s deleted; the folder loads without %s (re-export to bring %s back)", folder,
+                    ", ".join(gone), "s" if len(gone) > 1 else "", "were" if len(gone) > 1 else "was",
+                    "them" if len(gone) > 1 else "it", "them" if len(gone) > 1 else "it")
+        prefixes = tuple(_variant_root(cfg["variants"][n]["path"]) + "/" for n in gone)
+        cfg = {**cfg, "files": {r: d for r, d in cfg["files"].items() if not r.startswith(prefixes)},
+               "variants": {n: v for n, v in cfg["variants"].items() if n not in gone}}
     for rel, digest in cfg["files"].items():
         p = folder / rel
         if not p.is_file():
