@@ -297,7 +297,7 @@ def test_a_duplicate_or_empty_id_does_not_refuse_the_prediction(text_model: Path
     out = tmp_path / "o.csv"
     assert cli.main(["predict", str(text_model), str(src), "--output", str(out)]) == 0
     assert [r["id"] for r in _rows(out.read_text())] == ["7", "", "7", "9"]  # every row, in input order
-    assert "1 rows have an empty id (e.g. line 3)" in caplog.text and "'7' (lines 2 and 4)" in caplog.text
+    assert "1 row has an empty id (e.g. line 3)" in caplog.text and "'7' (lines 2 and 4)" in caplog.text
 
 
 def test_manifest_columns_are_remembered(digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

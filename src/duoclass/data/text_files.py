@@ -108,11 +108,12 @@ def read_text_file(
             text = ""
         records.append(TextRecord(rid, text, label, where))
     if empty_ids:
-        log.warning("%s: %d rows have an empty id (e.g. line %d); they are predicted, their id column left empty",
-                    path, len(empty_ids), empty_ids[0])
+        n = len(empty_ids)
+        log.warning("%s: %d %s an empty id (e.g. line %d); %s predicted, the id column left empty", path, n,
+                    "row has" if n == 1 else "rows have", empty_ids[0], "it is" if n == 1 else "they are")
     if repeated:
-        log.warning("%s: %d ids repeat, e.g. %s; every row is predicted in input order, so match them by position",
-                    path, len(repeated), repeated[0])
+        log.warning("%s: %d %s, e.g. %s; every row is predicted in input order, so match them by position",
+                    path, len(repeated), "id repeats" if len(repeated) == 1 else "ids repeat", repeated[0])
     return records, skipped
 
 

@@ -72,13 +72,15 @@ class Classifier:
 
     @classmethod
     def from_folder(cls, path: str | Path, device: str = "auto", backend: str = "torch",
-                    threads: int | None = None) -> "Classifier":
+                    threads: int | None = None, max_pixels: int | None = None) -> "Classifier":
         """Load a model folder: every file's hash is checked, nothing is unpickled or executed.
 
         backend: "torch" (the weights, eager), "onnx" or "onnx-int8" (the folder's ONNX variant on ONNX Runtime,
         written by `duoclass export` / `duoclass quantize`; these need neither torch nor transformers).
         threads: ONNX Runtime's intra-op threads for the onnx backends (default: DUOCLASS_ONNX_THREADS, else
-        the cores this process may use); the torch backend ignores it (torch.set_num_threads sets torch's)."""
+        the cores this process may use); the torch backend ignores it (torch.set_num_threads sets torch's).
+        max_pixels: image models: refuse images above this many pixels (at most Pillow's bomb limit); the
+        server lowers it to its --max-pixels."""
         from duoclass.artifacts.folder import read_model_config
         from duoclass.preprocess.load import preprocessor_from_config
 
@@ -96,6 +98,8 @@ class Classifier:
             cfg = read_model_config(folder)
             runner = OnnxBackend(folder / backend_variant(folder, cfg, backend)["path"], threads=threads, name=backend)
         pre = preprocessor_from_config(cfg["task"], cfg["preprocessing"], folder)
+        if max_pixels is not None and cfg["task"] == "image":
+            pre.max_pixels = min(max_pixels, pre.max_pixels)
         return cls(runner, cfg["classes"], pre, cfg, folder)
 
     # --- what it is ---------------------------------------------------------------------------

@@ -92,9 +92,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
     plots: dict[str, dict[str, bytes]] = {}
     for name, folder in folders.items():
         t0 = time.perf_counter()
-        clf = Classifier.from_folder(folder, device=settings.device, backend=settings.backend)
-        if clf.task == "image":
-            clf.preprocessor.max_pixels = min(settings.max_pixels, clf.preprocessor.max_pixels)
+        clf = Classifier.from_folder(folder, device=settings.device, backend=settings.backend, max_pixels=settings.max_pixels)
         cards[name], plots[name] = model_card(name, clf, folder, settings.backend)
         workers[name] = ModelWorker(name, clf, folder, settings, metrics)
         metrics.info.set(name, clf.task, settings.backend, value=1)
