@@ -52,9 +52,10 @@ def test_text_study_prunes_writes_best_yaml_and_resumes(toy: Path, tmp_path: Pat
     # the first trial of a new study is the settings as given (here fasttext's defaults)
     assert study.trials[0].params == pytest.approx(
         {"lr": 1e-2, "batch_size": 64, "weight_decay": 0.05, "label_smoothing": 0.1, "max_length": 128})
-    # the pruned trial's run ended after its first epoch, its files complete
+    # the pruned trial's run ended after its first epoch, its files complete (a trial keeps no training state)
     rows = list(csv.DictReader((study_dir / "trial-1" / "metrics.csv").open()))
-    assert [r["epoch"] for r in rows] == ["1"] and (study_dir / "trial-1" / "state.pt").is_file()
+    assert [r["epoch"] for r in rows] == ["1"] and (study_dir / "trial-1" / "model" / "config.json").is_file()
+    assert not (study_dir / "trial-1" / "state.pt").exists()
     assert len(list(csv.DictReader((study_dir / "trial-0" / "metrics.csv").open()))) == 2
 
     # best.yaml: data, model, the searched parameters, and what `train --config` needs
