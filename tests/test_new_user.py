@@ -391,3 +391,26 @@ def test_a_deleted_variants_folder_leaves_the_model_loadable(text_model: Path, t
     assert "the onnx variant was deleted; the folder loads without it" in caplog.text
     with pytest.raises(duoclass.DuoclassError, match="no onnx variant"):
         duoclass.load(folder, backend="onnx")
+
+
+def test_a_heartbeat_line_when_no_progress_bar_is_shown(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stderr not a terminal (a log file, CI), training logs progress within an epoch; the heartbeat
+    writes at most one line per interval and reads the loss only then."""
+    from duoclass.report import heartbeat
+    from duoclass.report.heartbeat import Heartbeat
+
+    now = [0.0]
+    calls = []
+    beat = Heartbeat("epoch 1/1 steps", 100, every=60, clock=lambda: now[0])
+    caplog.set_level("INFO", logger="duoclass")
+    for step in range(1, 101):
+        now[0] = step * 2.0  # two seconds a step
+        beat.beat(step, lambda: calls.append(step) or "loss 0.5")
+    assert calls == [30, 60, 90]  # every 60 s, the loss read then only
+    assert "epoch 1/1 steps: 30/100 (30%), loss 0.5, 60 s" in caplog.text
+    monkeypatch.setattr(heartbeat, "EVERY_S", 0.0)  # a real run: a line after every step
+    caplog.clear()
+    data = make_toy(tmp_path / "toy", 40, 10)
+    duoclass.train(data, model="tfidf-mlp", epochs=1, output=str(tmp_path / "run"), **FAST)
+    assert any(r.getMessage().startswith("epoch 1/1 steps: 1/") and ", loss " in r.getMessage() for r in caplog.records), caplog.text

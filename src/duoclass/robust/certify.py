@@ -31,6 +31,7 @@ import numpy as np
 
 from duoclass.errors import DuoclassError
 from duoclass.preprocess.image import to_unit
+from duoclass.report.heartbeat import Heartbeat
 
 log = logging.getLogger("duoclass")
 
@@ -100,8 +101,10 @@ def certify_pixels(model: Any, x: Any, sigma: float, n: int = 1000, n0: int = 10
         model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
     out = []
+    beat = Heartbeat("certified images", len(x))
     with torch.inference_mode():
-        for xi in x:
+        for i, xi in enumerate(x):
+            beat.beat(i)
             top = int(np.argmax(sample_counts(model, xi, n0, sigma, batch_size, gen)))  # selection samples
             counts = sample_counts(model, xi, n, sigma, batch_size, gen)  # fresh samples for the estimate
             k = int(counts[top])

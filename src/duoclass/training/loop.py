@@ -54,6 +54,7 @@ from duoclass.settings.config import TrainConfig
 from duoclass.data.splits import TaskData
 from duoclass.training.distributed import Dist, gather, init_distributed
 from duoclass.errors import DuoclassError
+from duoclass.report.heartbeat import Heartbeat
 from duoclass.report.metrics import classification_metrics, select
 from duoclass.models import count_params, create_model, resolve_name
 from duoclass.infer.predict import cross_entropy, predict_probs
@@ -132,12 +133,15 @@ def train_one_epoch(
     progress: tqdm | None = None,
     augment: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     max_steps: int = 0,
+    heartbeat: Heartbeat | None = None,
 ) -> float:
     """One pass over `batches`; returns the mean training loss. The loss stays on the device until the end
-    (no host-device sync per step); the progress bar reads it every 20 steps."""
+    (no host-device sync per step); the progress bar reads it every 20 steps, and without a bar the
+    heartbeat logs a line every minute."""
     ctx.model.train()
     total = torch.zeros((), dtype=torch.float32 if ctx.device.type == "mps" else torch.float64, device=ctx.device)
     count = 0
+    first = ctx.step
     for batch in batches:
         if batch is None:  # every example of the batch was unusable
             continue
@@ -166,6 +170,8 @@ def train_one_epoch(
         total += loss.to(total.dtype) * n
         count += n
         ctx.step += 1
+        if heartbeat is not None:
+            heartbeat.beat(ctx.step - first, lambda: f"loss {total.item() / count:.4f}")
         if progress is not None:
             progress.update(1)
             if progress.n % 20 == 0:
@@ -350,8 +356,9 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
         ctx.epoch = epoch
         bar = tqdm(total=len(source), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_progress(cfg, d),
                    leave=False, dynamic_ncols=True)
+        beat = Heartbeat(f"epoch {epoch + 1}/{cfg.epochs} steps", len(source)) if (d.main and bar.disable) else None
         train_loss = train_one_epoch(ctx, source.epoch(epoch), optimizer, step, scheduler if sched_when == "step" else None,
-                                     cfg.grad_clip, ema, bar, data.augment, cfg.max_steps)
+                                     cfg.grad_clip, ema, bar, data.augment, cfg.max_steps, beat)
         bar.close()
         # validation: every process predicts a share, rank 0 decides; its decisions are broadcast
         eval_model = ema.model if ema is not None else model
