@@ -414,3 +414,15 @@ def test_a_heartbeat_line_when_no_progress_bar_is_shown(tmp_path: Path, caplog: 
     data = make_toy(tmp_path / "toy", 40, 10)
     duoclass.train(data, model="tfidf-mlp", epochs=1, output=str(tmp_path / "run"), **FAST)
     assert any(r.getMessage().startswith("epoch 1/1 steps: 1/") and ", loss " in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_every_positional_has_help_and_no_option_shows_two_defaults() -> None:
+    import argparse
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"duoclass {name}: positional {action.dest} has no help"
+        assert "(default: MODEL_DIR-pruned) (default" not in p.format_help(), name

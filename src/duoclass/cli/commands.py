@@ -266,7 +266,7 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
 def cmd_prune(ns: argparse.Namespace) -> int:
     from duoclass.compress.prune import format_report, prune_model_folder
 
-    r = prune_model_folder(ns.model_dir, amount=ns.amount, output=ns.output, finetune_epochs=ns.finetune, data=ns.data,
+    r = prune_model_folder(ns.model_dir, amount=ns.amount, output=getattr(ns, "output", None), finetune_epochs=ns.finetune, data=ns.data,
                            device=ns.device)
     print(json.dumps(r) if ns.json else format_report(r))
     return 0
@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.set_defaults(func=cmd_tune)
 
     e = sub.add_parser("evaluate", help="metrics of a model folder on a labelled split")
-    e.add_argument("model_dir")
-    e.add_argument("data")
+    e.add_argument("model_dir", help="a model folder (RUN_DIR/model)")
+    e.add_argument("data", help="labelled data: a dataset folder, zip, manifest CSV or text file(s)")
     e.add_argument("--split", default="test")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
     e.add_argument("--batch-size", type=int, default=64)
@@ -416,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ce = sub.add_parser("certify", help="image models: certified L2 robustness by randomized smoothing (Cohen et al. 2019)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ce.add_argument("model_dir")
-    ce.add_argument("data")
+    ce.add_argument("model_dir", help="an image model folder, trained with --noise-augment SIGMA")
+    ce.add_argument("data", help="labelled images: a dataset folder, zip or manifest CSV")
     ce.add_argument("--sigma", type=float, required=True,
                     help="Gaussian noise level in [0, 1] pixel units; the model should be trained with it (--noise-augment)")
     ce.add_argument("--n", type=int, default=1000, help="noisy samples per image for the estimate")
@@ -436,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     ce.set_defaults(func=cmd_certify)
 
     pr = sub.add_parser("predict", help="predict a file, folder, zip or CSV of inputs into a CSV")
-    pr.add_argument("model_dir")
-    pr.add_argument("input")
+    pr.add_argument("model_dir", help="a model folder (RUN_DIR/model)")
+    pr.add_argument("input", help="an image, a folder, a zip or a CSV of paths; for text a CSV/TSV/JSONL/.txt, or a folder with testa.csv")
     pr.add_argument("--output", help="CSV to write (default, or -: standard output); a symlink is written through")
     pr.add_argument("--top-k", type=int, default=1, metavar="K", help="labels per row; K > 1 adds a top_k column")
     pr.add_argument("--batch-size", type=int, default=64)
@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write the model as ONNX (checked against torch) or as a transformers folder",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ex.add_argument("model_dir")
+    ex.add_argument("model_dir", help="a model folder (RUN_DIR/model)")
     ex.add_argument("--format", default="onnx", choices=["onnx", "transformers"],
                     help="onnx: added to the model folder as variants/onnx (or to a copy at --output); transformers: "
                          "a folder transformers' Auto classes and pipeline() load (needs --output)")
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="int8 with ONNX Runtime, written only when measured faster and no worse",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("model_dir")
+    q.add_argument("model_dir", help="a model folder (RUN_DIR/model)")
     q.add_argument("--method", default=None, choices=["dynamic", "static"],
                    help="dynamic (text default) or static QDQ calibrated on training data (image default)")
     q.add_argument("--output", default=None, metavar="DIR", help="write a copy of the folder there instead of into MODEL_DIR")
@@ -493,10 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pn = sub.add_parser("prune", help="msresnet: structured channel pruning (fewer FLOPs), optionally fine-tuned",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pn.add_argument("model_dir")
+    pn.add_argument("model_dir", help="an msresnet model folder (RUN_DIR/model)")
     pn.add_argument("--amount", type=float, default=0.3, help="share of each convolution's channels to remove")
     pn.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="fine-tune this many epochs after pruning")
-    pn.add_argument("--output", default=None, metavar="DIR", help="where to write (default: MODEL_DIR-pruned)")
+    pn.add_argument("--output", default=argparse.SUPPRESS, metavar="DIR", help="where to write (default: MODEL_DIR-pruned)")
     pn.add_argument("--data", default=None, metavar="DIR", help="training data (default: the one config.json records)")
     pn.add_argument("--device", default="auto")
     pn.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=cmd_pretrain)
 
     c = sub.add_parser("clean", help="decode every image; report (and quarantine) bad files and duplicates")
-    c.add_argument("data")
+    c.add_argument("data", help="an image dataset: a folder, zip or manifest CSV")
     c.add_argument("--quarantine", help="move bad files and duplicates here (never deleted)")
     c.add_argument("--report", help="write the report to FILE.json and FILE.csv")
     c.add_argument("--max-pixels", type=int, default=None, help="pixel limit (default: Pillow's decompression-bomb limit)")
