@@ -43,6 +43,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -62,28 +63,42 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 
 
 # --- the app ----------------------------------------------------------------------------------
-# Long for now: the routes are closures over this app's workers, cards, settings and metrics. Splitting
-# them into per-concern route modules over one state object is the next step of the serving work.
-def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
-               settings: ServeSettings | None = None) -> Any:
-    """The FastAPI app serving these model folders ("DIR" or "NAME=DIR"). Loads every model now, so a bad
-    folder fails here with a DuoclassError; each model's batcher starts with the app (its lifespan)."""
-    try:
-        from fastapi import FastAPI, Request
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.openapi.docs import get_swagger_ui_html
-        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
-        from pydantic import ValidationError
-        from starlette.exceptions import HTTPException as StarletteHTTPException
-    except ImportError as e:
-        raise DuoclassError(f"duoclass serve needs FastAPI ({e.name} is missing); install it with "
-                            "`pip install duoclass[serve]`") from None
-    import contextlib
+@dataclass
+class _State:
+    """What every route reads: the settings, the metrics, each model's worker, card and plots, the page's files,
+    the Swagger UI assets, and whether the app is ready."""
 
-    from duoclass import __version__
+    settings: ServeSettings
+    metrics: Metrics
+    schemas: Any
+    workers: dict[str, ModelWorker]
+    cards: dict[str, dict[str, Any]]
+    plots: dict[str, dict[str, bytes]]
+    static: dict[str, bytes]
+    swagger: dict[str, tuple[bytes, str]]
+    state: dict[str, bool]
+
+    @property
+    def err(self) -> dict[str, Any]:
+        return {"model": self.schemas.ErrorBody}
+
+    @property
+    def common(self) -> dict[int, Any]:
+        return {401: {**self.err, "description": "missing or wrong API token"},
+                429: {**self.err, "description": "too many requests; see Retry-After"}}
+
+    def worker_of(self, name: str) -> ModelWorker:
+        w = self.workers.get(name)
+        if w is None:
+            raise RequestError(404, f"no model named {name[:80]!r}; this server has: {', '.join(self.workers)} "
+                                    "(GET /v1/models)", "unknown_model")
+        return w
+
+
+def _load(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike], settings: ServeSettings) -> _State:
+    """Load every model folder (a bad one fails here with a DuoclassError), its card and plots, and the page."""
     from duoclass.infer.classifier import Classifier
 
-    settings = settings or ServeSettings()
     folders = parse_model_args(model_dirs)
     metrics = Metrics()
     schemas = _schemas(settings)
@@ -115,6 +130,26 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
         except (ImportError, OSError):
             log.info("/docs loads Swagger UI from a CDN; `pip install swagger-ui-bundle-v2` serves it from here")
     state = {"ready": False}
+    return _State(settings, metrics, schemas, workers, cards, plots, static, swagger, state)
+
+
+def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+               settings: ServeSettings | None = None) -> Any:
+    """The FastAPI app serving these model folders ("DIR" or "NAME=DIR"). Loads every model now, so a bad
+    folder fails here with a DuoclassError; each model's batcher starts with the app (its lifespan)."""
+    try:  # every route module below imports from these
+        import pydantic  # noqa: F401
+        import starlette  # noqa: F401
+        from fastapi import FastAPI
+    except ImportError as e:
+        raise DuoclassError(f"duoclass serve needs FastAPI ({e.name} is missing); install it with "
+                            "`pip install duoclass[serve]`") from None
+    import contextlib
+
+    from duoclass import __version__
+
+    st = _load(model_dirs, settings or ServeSettings())
+    settings, metrics, workers, state = st.settings, st.metrics, st.workers, st.state
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -141,16 +176,20 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
     app.state.workers = workers
     app.state.settings = settings
     app.state.metrics = metrics
-    err = {"model": schemas.ErrorBody}
-    common = {401: {**err, "description": "missing or wrong API token"},
-              429: {**err, "description": "too many requests; see Retry-After"}}
+    for add_routes in (_add_error_handlers, _add_model_routes, _add_predict_route, _add_page_routes, _add_openapi):
+        add_routes(app, st)
+    app.add_middleware(_Guard, settings=settings, metrics=metrics)
+    return app
 
-    def worker_of(name: str) -> ModelWorker:
-        w = workers.get(name)
-        if w is None:
-            raise RequestError(404, f"no model named {name[:80]!r}; this server has: {', '.join(workers)} "
-                                    "(GET /v1/models)", "unknown_model")
-        return w
+
+def _add_error_handlers(app: Any, st: "_State") -> None:
+    """Client mistakes and unknown paths become a JSON {"error": ...} with the right status, counted."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    metrics = st.metrics
 
     # --- errors ---------------------------------------------------------------------------------
     @app.exception_handler(RequestError)
@@ -173,6 +212,14 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
         status, message = _validation_message(list(e.errors()))
         metrics(metrics.errors.inc, "invalid_request")
         return JSONResponse({"error": message}, status_code=status)
+
+
+def _add_model_routes(app: Any, st: "_State") -> None:
+    """/healthz, /readyz, /metrics and the models with their cards and plots."""
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+    metrics, workers, cards, plots, state = st.metrics, st.workers, st.cards, st.plots, st.state
+    err, common, worker_of = st.err, st.common, st.worker_of
 
     # --- health, metrics, models --------------------------------------------------------------------
     @app.get("/healthz", summary="liveness: the process answers (no token needed)")
@@ -218,6 +265,19 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
 
     for plot in PLOTS:
         plot_route(plot)
+
+
+# Long on purpose: the predict route and its one body parser (read_items, for multipart and JSON alike) stay
+# together, so their limits and errors read side by side.
+def _add_predict_route(app: Any, st: "_State") -> None:
+    """POST /v1/models/{name}/predict: parse and check the items, queue them, answer each."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import ValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    settings, metrics, schemas = st.settings, st.metrics, st.schemas
+    err, common, worker_of = st.err, st.common, st.worker_of
 
     # --- prediction -------------------------------------------------------------------------------
     # Long for now: one parser for both bodies (multipart and JSON) so their limits and errors stay alike.
@@ -345,6 +405,15 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
         return JSONResponse({"model": name, "predictions": out,
                              "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
+
+def _add_page_routes(app: Any, st: "_State") -> None:
+    """The web page and its files, the log-in form, and /docs."""
+    from fastapi import Request
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+    settings, metrics, static, swagger = st.settings, st.metrics, st.static, st.swagger
+
     # --- the web page, log-in, docs -------------------------------------------------------------
     def page_headers() -> dict[str, str]:
         return {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"}
@@ -399,6 +468,11 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
         for fname in swagger:
             swagger_route(fname)
 
+
+def _add_openapi(app: Any, st: "_State") -> None:
+    """The schema: FastAPI's, plus the model names as {name}'s choices and the token scheme."""
+    settings, workers = st.settings, st.workers
+
     base_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -419,8 +493,6 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    app.add_middleware(_Guard, settings=settings, metrics=metrics)
-    return app
 
 
 def serve(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
