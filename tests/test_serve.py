@@ -626,12 +626,18 @@ def test_web_page_in_a_real_browser(server: Server, client: httpx.Client, pngs: 
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            asked: list[str] = []
+            page.on("request", lambda r: asked.append(r.url))
             page.goto(server.url + "/")
             page.fill("#token", TOKEN)  # the log-in form of a server with a token
             page.click("#login")
             page.wait_for_selector("#model-select option", state="attached")
             assert page.locator("#card-name").inner_text() == IMAGE
             page.wait_for_function("document.querySelector('#card-confusion img').complete")
+            assert not page.locator("#preview").is_visible()  # no broken-image icon before an upload
+            page.set_viewport_size({"width": 400, "height": 800})  # a phone: nothing wider than the screen
+            assert page.evaluate("document.documentElement.scrollWidth") <= 400
+            page.set_viewport_size({"width": 1200, "height": 900})
             page.set_input_files("#file-input", str(image_file))
             got = shown(page)
             assert [g[0] for g in got] == [e[0] for e in expected(want_image)]
@@ -656,6 +662,7 @@ def test_web_page_in_a_real_browser(server: Server, client: httpx.Client, pngs: 
             assert [g[1] for g in got] == pytest.approx([e[1] for e in expected(want_text)], abs=1e-6)
             page.screenshot(path=str(shots / "serve-text.png"), full_page=True)
             assert not errors, errors
+            assert not [u for u in asked if u.endswith("/favicon.ico")], asked  # the page names its own icon
         finally:
             browser.close()
 
