@@ -746,3 +746,17 @@ def test_a_batch_that_raises_is_retried_item_by_item(server: Server, text_clf: d
     assert raised.is_set()
     # the held text alone, the whole queued batch (which raised), then each queued text alone
     assert calls == [1, len(TEXTS)] + [1] * len(TEXTS), calls
+
+
+def test_login_with_extra_fields_is_a_400_not_a_500(server: Server) -> None:
+    r = httpx.post(server.url + "/login", content=b"a=1&b=2&c=3&d=4&e=5&token=x",
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "two fields" in r.json()["error"], r.text
+
+
+def test_metrics_do_not_grow_with_invented_methods(server: Server) -> None:
+    """The method label takes only HTTP's methods; a client's invented ones all count as "other"."""
+    for i in range(30):
+        httpx.request(f"ZZ{i}", server.url + "/healthz")
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    assert "ZZ1" not in text and 'method="other"' in text

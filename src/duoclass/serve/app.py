@@ -435,7 +435,11 @@ def _add_page_routes(app: Any, st: "_State") -> None:
     async def login(request: Request) -> Response:
         from urllib.parse import parse_qs
 
-        fields = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
+        try:
+            fields = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
+        except ValueError:  # more fields than the form has
+            raise RequestError(400, "the log-in form has two fields, token and next; send no others",
+                               "bad_request") from None
         nxt = fields.get("next", ["/"])[0]
         nxt = nxt if nxt in ("/", "/docs") else "/"
         if settings.token is None:

@@ -15,6 +15,8 @@ log = logging.getLogger("duoclass")
 COOKIE = "duoclass_session"
 
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+
 def _is_loopback(host: str) -> bool:
     if host in ("localhost", "localhost.localdomain"):
         return True
@@ -119,7 +121,9 @@ class _Guard:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             seconds = time.perf_counter() - t0
             with self.metrics._lock:
-                self.metrics.requests.inc(scope.get("method", "?"), route, str(status[0] or 500))
+                method = scope.get("method", "?")  # the client names it: a label only for the methods HTTP has
+                method = method if method in KNOWN_METHODS else "other"
+                self.metrics.requests.inc(method, route, str(status[0] or 500))
                 self.metrics.latency.observe(route, value=seconds)
 
     def _auth_problem(self, headers: dict[str, str]) -> str | None:
