@@ -278,3 +278,13 @@ def test_pooling_with_an_image_model_is_an_error(digits: Path, tmp_path: Path) -
     from duoclass.training.run import resolve
 
     assert resolve(duoclass.TrainConfig(data=str(digits), model="msresnet-tiny")).pooling == "cls"  # the default is fine
+
+
+def test_config_and_settings_together_are_refused() -> None:
+    """Holds: train, tune and pretrain take either config= or the data and settings, never both silently."""
+    with pytest.raises(TypeError, match="pass either config= or data and settings"):
+        duoclass.train("x", config=duoclass.TrainConfig(data="y"))
+    with pytest.raises(TypeError, match="pass either config= or data and settings"):
+        duoclass.tune(config=duoclass.TrainConfig(data="y"), trials=1, epochs=2)
+    with pytest.raises(TypeError, match="pass either config= or corpus and settings"):
+        duoclass.pretrain("c.txt", config=duoclass.PretrainConfig(corpus="d.txt"))

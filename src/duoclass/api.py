@@ -31,12 +31,18 @@ from duoclass.training.run import resolve, run
 log = logging.getLogger("duoclass")
 
 
+def _settings(cls: type, field: str, given: Any, config: Any, settings: dict[str, Any]) -> Any:
+    """`config=` as it is, or a `cls` built from the positional `given` (its `field`) and the keyword settings."""
+    if config is None:
+        return cls(**{field: str(given) if given is not None else ""}, **settings)
+    if given is not None or settings:
+        raise TypeError(f"pass either config= or {field} and settings, not both")
+    return config
+
+
 def train(data: str | Path | None = None, config: TrainConfig | None = None, **settings: Any) -> Classifier:
     """Train a classifier and return the best model, loaded. Settings are `TrainConfig` fields."""
-    if config is None:
-        config = TrainConfig(data=str(data) if data is not None else "", **settings)
-    elif data is not None or settings:
-        raise TypeError("pass either config= or data and settings, not both")
+    config = _settings(TrainConfig, "data", data, config, settings)
     if not config.data:
         raise DuoclassError("no data given; pass a dataset folder, zip or CSV")
     _log_to_stderr()
@@ -111,13 +117,8 @@ def tune(data: str | Path | None = None, *, trials: int, study_dir: str | Path =
     Writes STUDY_DIR/best.yaml and summary.json; returns the summary."""
     from duoclass.training.tune import tune as tune_study
 
-    if config is None:
-        config = TrainConfig(data=str(data) if data is not None else "", **settings)
-        fixed: set[str] | None = set(settings)
-    elif data is not None or settings:
-        raise TypeError("pass either config= or data and settings, not both")
-    else:
-        fixed = None
+    fixed = set(settings) if config is None else None  # with config=, those that differ from the defaults
+    config = _settings(TrainConfig, "data", data, config, settings)
     _log_to_stderr()
     return tune_study(config, trials, study_dir, timeout=timeout, fixed=fixed)
 
@@ -128,10 +129,7 @@ def pretrain(corpus: str | Path | None = None, config: PretrainConfig | None = N
     the Hugging Face folder to fine-tune with `train(data, model=OUTPUT/model)`. Returns the summary."""
     from duoclass.training.pretrain import pretrain as run_pretrain
 
-    if config is None:
-        config = PretrainConfig(corpus=str(corpus) if corpus is not None else "", **settings)
-    elif corpus is not None or settings:
-        raise TypeError("pass either config= or corpus and settings, not both")
+    config = _settings(PretrainConfig, "corpus", corpus, config, settings)
     if not config.corpus:
         raise DuoclassError("pretrain: no corpus given; pass a .txt (one text per line) or a CSV/TSV/JSONL file")
     _log_to_stderr()

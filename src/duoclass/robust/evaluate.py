@@ -236,7 +236,10 @@ def robust_accuracy(model: Any, images: LabelledImages, attack: str, budgets: Se
                 x = torch.from_numpy(to_unit(images.pixels[j : j + batch_size])).to(dev)
                 y = torch.from_numpy(images.labels[j : j + batch_size]).to(dev)
                 ok = label(x) == y
-                c = n_classes or int(model({"pixel_values": x[:1]}).shape[1])
+                if n_classes is None:  # once: the model's number of outputs
+                    with torch.no_grad():
+                        n_classes = int(model({"pixel_values": x[:1]}).shape[1])
+                c = n_classes
                 clean_ok += int(ok.sum())
                 for k, (eps, _) in enumerate(budgets):
                     x_adv = attack_batch(attack, model, x, y, eps, steps, c, seed)
