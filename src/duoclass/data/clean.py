@@ -30,6 +30,54 @@ class BadImage(Exception):
     """A file that cannot be used as an image; the message is the reason."""
 
 
+# Bytes per pixel Pillow keeps for an image of each mode (RGB and the other 3-band modes take 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+_GREY = ("1", "L", "I;16", "I;16B", "I;16L", "I;16N")  # resized before they become RGB when a size is given
+_ALPHA = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def decode_cost(size: tuple[int, int], mode: str, info: dict | None = None) -> int:
+    """Bytes `decode_image(..., size=S)` holds at its peak for an image of this size and mode, from its header
+    alone: the decoded pixels, plus the full-size copies its conversion to RGB makes (grey images are shrunk
+    before they become RGB, so they never take the 4 bytes a pixel of RGB)."""
+    w, h = size
+    own = _MODE_BYTES.get(mode, 4)
+    if mode in _GREY:
+        extra = 0 if mode == "L" else 1  # one L copy (from 1-bit, or 16-bit through a lookup table)
+    elif mode in ("I", "F"):
+        extra = 8 + 1  # a float64 copy, then 8-bit
+    elif mode == "RGB":
+        extra = 0
+    elif mode in _ALPHA or (mode == "P" and info and "transparency" in info):
+        extra = 4 * 4  # RGBA, the white background, the composite, then RGB
+    else:
+        extra = 4  # the RGB copy
+    return w * h * (own + extra)
+
+
+# 16-bit grey -> 8-bit: the same float64 arithmetic as below, done once per value instead of once per pixel.
+_LUT16: np.ndarray | None = None
+
+
+def _lut16() -> np.ndarray:
+    global _LUT16
+    if _LUT16 is None:
+        _LUT16 = np.clip(np.arange(65536, dtype=np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return _LUT16
+
+
+def _grey_to_l(im: Image.Image, notes: list[str]) -> Image.Image:
+    """A grey image (1-bit, 8-bit or 16-bit) as mode L, with the 8-bit values `_to_rgb` gives its RGB copy."""
+    if im.mode == "L":
+        notes.append("converted L to RGB")
+        return im
+    if im.mode == "1":
+        notes.append("converted 1 to RGB")
+        return im.convert("L")
+    notes.append(f"converted {im.mode} (high bit depth) to 8-bit RGB")
+    return Image.fromarray(_lut16()[np.asarray(im)], "L")
+
+
 def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
@@ -56,9 +104,14 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, notes: list[str] | None = None) -> Image.Image:
-    """Decode bytes fully into an RGB PIL image with EXIF orientation applied.
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, notes: list[str] | None = None,
+                 size: int | None = None, max_bytes: int | None = None) -> Image.Image:
+    """Decode bytes fully into an RGB PIL image with EXIF orientation applied; with `size`, the RGB image
+    resized to (size, size) bilinearly, exactly as `preprocess.image.to_uint8` resizes the full one (grey
+    images are resized while still grey, which gives the same pixels from a quarter of the memory).
 
+    `max_bytes` refuses, before decoding, an image whose decoding would hold more than that many bytes
+    (`decode_cost`, from the declared size and pixel format: a small file can declare a huge image).
     Raises BadImage with a human-readable reason for anything unusable.
     """
     notes = [] if notes is None else notes
@@ -79,6 +132,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, notes: list[
         raise BadImage(f"over the pixel limit ({w}x{h} = {w * h:,} pixels > {max_pixels:,}; possible decompression bomb)")
     if min(w, h) < MIN_SIDE:
         raise BadImage(f"too small ({w}x{h} px; at least {MIN_SIDE}x{MIN_SIDE} is needed)")
+    if max_bytes is not None and (cost := decode_cost(im.size, im.mode, im.info)) > max_bytes:
+        raise BadImage(f"too costly to decode ({w}x{h} px in mode {im.mode} would take about {cost / 2**20:,.0f} MiB; "
+                       f"the limit is {max_bytes / 2**20:,.0f} MiB): send a smaller image")
     try:
         im.load()
     except Exception as e:
@@ -91,7 +147,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, notes: list[
     if exif_orientation not in (1, None):
         im = ImageOps.exif_transpose(im)
         notes.append(f"applied EXIF orientation {exif_orientation}")
-    return _to_rgb(im, notes)
+    if size is None:
+        return _to_rgb(im, notes)
+    if im.mode in _GREY:
+        im = _grey_to_l(im, notes)
+    else:
+        im = _to_rgb(im, notes)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return im.convert("RGB")
 
 
 @dataclass

@@ -72,7 +72,8 @@ class Classifier:
 
     @classmethod
     def from_folder(cls, path: str | Path, device: str = "auto", backend: str = "torch",
-                    threads: int | None = None, max_pixels: int | None = None) -> "Classifier":
+                    threads: int | None = None, max_pixels: int | None = None,
+                    max_decode_bytes: int | None = None) -> "Classifier":
         """Load a model folder: every file's hash is checked, nothing is unpickled or executed.
 
         backend: "torch" (the weights, eager), "onnx" or "onnx-int8" (the folder's ONNX variant on ONNX Runtime,
@@ -80,7 +81,9 @@ class Classifier:
         threads: ONNX Runtime's intra-op threads for the onnx backends (default: DUOCLASS_ONNX_THREADS, else
         the cores this process may use); the torch backend ignores it (torch.set_num_threads sets torch's).
         max_pixels: image models: refuse images above this many pixels (at most Pillow's bomb limit); the
-        server lowers it to its --max-pixels."""
+        server lowers it to its --max-pixels.
+        max_decode_bytes: image models: refuse, before decoding, images whose decoding would take more memory
+        than this (estimated from their declared size and pixel format; the server's --max-decode-mb)."""
         from duoclass.artifacts.folder import read_model_config
         from duoclass.preprocess.load import preprocessor_from_config
 
@@ -100,6 +103,8 @@ class Classifier:
         pre = preprocessor_from_config(cfg["task"], cfg["preprocessing"], folder)
         if max_pixels is not None and cfg["task"] == "image":
             pre.max_pixels = min(max_pixels, pre.max_pixels)
+        if max_decode_bytes is not None and cfg["task"] == "image":
+            pre.max_decode_bytes = max_decode_bytes
         return cls(runner, cfg["classes"], pre, cfg, folder)
 
     # --- what it is ---------------------------------------------------------------------------

@@ -52,9 +52,10 @@ class ImagePreprocessor:
     task = "image"
 
     def __init__(self, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, path_column: str = "path",
-                 label_column: str = "label"):
+                 label_column: str = "label", max_decode_bytes: int | None = None):
         self.image_size = int(image_size)
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes  # refuse images costlier to decode (a server's limit); None: no limit
         self.path_column, self.label_column = path_column, label_column  # a CSV manifest's columns, as trained
         self._read = ByteReader()
 
@@ -78,14 +79,14 @@ class ImagePreprocessor:
     def load(self, item: Any) -> np.ndarray:
         """One raw input -> uint8 (3, S, S). Raises DuoclassError naming the input when unusable."""
         if isinstance(item, Image.Image):
-            im = decode_image(_png_bytes(item), self.max_pixels)
+            im = self._decode(_png_bytes(item))
         elif isinstance(item, np.ndarray):
             try:
                 pil = Image.fromarray(item)
             except (TypeError, ValueError) as e:
                 raise DuoclassError(f"array of shape {item.shape} and dtype {item.dtype}: not an image ({e}); "
                                     "pass uint8 (H, W) or (H, W, 3)") from None
-            im = decode_image(_png_bytes(pil), self.max_pixels)
+            im = self._decode(_png_bytes(pil))
         else:
             ref = item if isinstance(item, str) else os.fspath(item) if isinstance(item, os.PathLike) else None
             if ref is None and not isinstance(item, (bytes, bytearray)):
@@ -95,10 +96,13 @@ class ImagePreprocessor:
             except (OSError, KeyError) as e:
                 raise DuoclassError(f"{display(str(ref))}: cannot read ({getattr(e, 'strerror', None) or e})") from None
             try:
-                im = decode_image(bytes(data), self.max_pixels)
+                im = self._decode(bytes(data))
             except BadImage as e:
                 raise DuoclassError(f"{display(ref) if ref else 'image bytes'}: {e}") from None
         return to_uint8(im, self.image_size)
+
+    def _decode(self, data: bytes) -> Image.Image:
+        return decode_image(data, self.max_pixels, size=self.image_size, max_bytes=self.max_decode_bytes)
 
     def warning(self, item: Any, encoded: np.ndarray) -> str | None:
         return None

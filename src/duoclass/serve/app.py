@@ -38,28 +38,40 @@ ServeSettings); `create_app` does.
 """
 import argparse
 import asyncio
+import functools
 import hmac
 import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from duoclass.errors import DuoclassError
-from duoclass.serve.auth import COOKIE, LOGIN_PAGE, _Guard, _html_escape, _is_loopback, _session_value
+from duoclass.serve.auth import COOKIE, LOGIN_CSP, LOGIN_PAGE, Sessions, _Guard, _html_escape, _is_loopback
 from duoclass.serve.batcher import InternalError, ModelWorker
 from duoclass.serve.cards import PLOTS, model_card, parse_model_args
 from duoclass.serve.metrics import Metrics
-from duoclass.serve.requests import RequestError, _b64, _schemas, _sniff, _validation_message
+from duoclass.serve.requests import (SMALL_JSON, RequestError, _b64, _schemas, _sniff, _validation_message,
+                                     b64_chars, bounded_json)
 from duoclass.serve.settings import ServeSettings, TOKEN_ENV, add_arguments, resolve_token, settings_from_args
 
 log = logging.getLogger("duoclass")
 STATIC = Path(__file__).with_name("static")
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8", "swagger-ui.css": "text/css; charset=utf-8",
+               "redoc.standalone.js": "text/javascript; charset=utf-8", "favicon.png": "image/png",
+               "docs.js": "text/javascript; charset=utf-8"}
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+DOCS_MISSING = ("<!doctype html><title>duoclass API</title><p>The API page needs the package swagger-ui-bundle "
+                "(<code>pip install duoclass[serve]</code>). The schema is at <a href=\"/openapi.json\">/openapi.json</a>.")
+PAGES = ("/", "/docs", "/redoc")  # where the log-in form may send the browser back to
+INLINE_TEXT_CHARS = 2000  # texts of a request shorter than this in all are tokenized on the event loop
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
             "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+# ReDoc styles itself with <style> elements it writes (styled-components) and renders in a blob: worker
+DOCS_CSP = PAGE_CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'") + "; worker-src blob:"
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -77,6 +89,8 @@ class _State:
     static: dict[str, bytes]
     swagger: dict[str, tuple[bytes, str]]
     state: dict[str, bool]
+    sessions: Sessions
+    encoder: ThreadPoolExecutor  # decodes images and tokenizes long texts, off the event loop and the model threads
 
     @property
     def err(self) -> dict[str, Any]:
@@ -107,30 +121,35 @@ def _load(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLi
     plots: dict[str, dict[str, bytes]] = {}
     for name, folder in folders.items():
         t0 = time.perf_counter()
-        clf = Classifier.from_folder(folder, device=settings.device, backend=settings.backend, max_pixels=settings.max_pixels)
+        clf = Classifier.from_folder(folder, device=settings.device, backend=settings.backend, max_pixels=settings.max_pixels,
+                                     max_decode_bytes=int(settings.max_decode_mb * 2**20))
         cards[name], plots[name] = model_card(name, clf, folder, settings.backend)
         workers[name] = ModelWorker(name, clf, folder, settings, metrics)
         metrics.info.set(name, clf.task, settings.backend, value=1)
         log.info("model %s: %s (%s, %d classes) from %s in %.1f s", name, cards[name]["model"], clf.task,
                  len(clf.classes_), folder, time.perf_counter() - t0)
     static = {}
-    for fname in ["index.html", *STATIC_FILES]:
+    for fname in ["index.html", "docs.html", "redoc.html", *STATIC_FILES]:
         try:
             static[fname] = (STATIC / fname).read_bytes()
         except OSError as e:
             raise DuoclassError(f"{STATIC / fname}: cannot read the web page ({e.strerror}); reinstall duoclass") from None
     swagger: dict[str, tuple[bytes, str]] = {}
     if settings.docs:
-        try:  # Swagger UI's files from a package, so /docs works offline; else FastAPI's default (a CDN)
-            from swagger_ui_bundle import swagger_ui_path
+        try:  # Swagger UI's and ReDoc's files from the package that ships them: /docs loads nothing from another host
+            import fastapi_offline
 
-            for fname, mime in (("swagger-ui-bundle.js", "text/javascript"), ("swagger-ui.css", "text/css"),
-                                ("favicon-32x32.png", "image/png")):
-                swagger[fname] = ((Path(str(swagger_ui_path)) / fname).read_bytes(), mime)
+            assets = Path(fastapi_offline.__file__).with_name("static")
+            for fname, mime in DOCS_ASSETS.items():
+                folder = STATIC if fname == "docs.js" else assets
+                swagger[fname] = ((folder / fname).read_bytes(), mime)
         except (ImportError, OSError):
-            log.info("/docs loads Swagger UI from a CDN; `pip install swagger-ui-bundle-v2` serves it from here")
+            swagger = {}
+            log.info("/docs is off: it needs the package fastapi-offline (`pip install duoclass[serve]`); "
+                     "the schema is at /openapi.json")
     state = {"ready": False}
-    return _State(settings, metrics, schemas, workers, cards, plots, static, swagger, state)
+    encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="duoclass-encode")
+    return _State(settings, metrics, schemas, workers, cards, plots, static, swagger, state, Sessions(settings), encoder)
 
 
 def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
@@ -167,6 +186,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
             state["ready"] = False
             for w in workers.values():
                 await w.stop()
+            st.encoder.shutdown(wait=False, cancel_futures=True)
 
     description = ("Image and text classifiers. Send images as multipart field `file` or JSON base64, texts as JSON. "
                    "Errors are JSON `{\"error\": \"...\"}`." + (" Every endpoint but /healthz wants "
@@ -178,7 +198,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
     app.state.metrics = metrics
     for add_routes in (_add_error_handlers, _add_model_routes, _add_predict_route, _add_page_routes, _add_openapi):
         add_routes(app, st)
-    app.add_middleware(_Guard, settings=settings, metrics=metrics)
+    app.add_middleware(_Guard, settings=settings, metrics=metrics, sessions=st.sessions)
     return app
 
 
@@ -276,8 +296,12 @@ def _add_predict_route(app: Any, st: "_State") -> None:
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from duoclass.preprocess.load import Encoded, load_each
+
     settings, metrics, schemas = st.settings, st.metrics, st.schemas
     err, common, worker_of = st.err, st.common, st.worker_of
+    max_chars = {"text": settings.max_text_chars, "texts": settings.max_text_chars,
+                 "image": b64_chars(settings), "images": b64_chars(settings)}
 
     # --- prediction -------------------------------------------------------------------------------
     # Long for now: one parser for both bodies (multipart and JSON) so their limits and errors stay alike.
@@ -323,7 +347,7 @@ def _add_predict_route(app: Any, st: "_State") -> None:
                     if len(data) > settings.max_image_bytes:
                         raise RequestError(413, f"{what}: larger than {settings.max_image_bytes:,} bytes (--max-image-bytes)",
                                            "too_large")
-                    _sniff(data, what)
+                    _sniff(data, what, settings.image_formats)
                     items.append(bytes(data))
                     names.append(what)
                 return items, names, top_k
@@ -334,8 +358,19 @@ def _add_predict_route(app: Any, st: "_State") -> None:
                                     "({\"text\": ...} / {\"image\": base64}) or multipart/form-data with a `file` part",
                                "unsupported_media_type")
         body = await request.body()
+        if len(body) <= SMALL_JSON:
+            return json_items(body, w)
+        return await asyncio.to_thread(json_items, body, w)  # bounded work, and the event loop keeps answering
+
+    def json_items(body: bytes, w: ModelWorker) -> tuple[list[Any], list[str], int]:
+        """A JSON predict body -> (items, their names, top_k): texts as str, images as bytes."""
+        task = w.clf.task
         try:
-            req = schemas.PredictRequest.model_validate_json(body)
+            if len(body) <= SMALL_JSON:
+                req = schemas.PredictRequest.model_validate_json(body)
+            else:
+                req = schemas.PredictRequest.model_validate(bounded_json(body, settings.max_items, max_chars),
+                                                            strict=True)
         except ValidationError as e:
             status, message = _validation_message(e.errors(include_url=False))
             raise RequestError(status, message, "invalid_request") from None
@@ -359,7 +394,7 @@ def _add_predict_route(app: Any, st: "_State") -> None:
         items = []
         for s, n in zip(raw, names):
             data = _b64(s, n, settings.max_image_bytes)  # type: ignore[arg-type]
-            _sniff(data, n)
+            _sniff(data, n, settings.image_formats)
             items.append(data)
         return items, names, req.top_k
 
@@ -383,23 +418,34 @@ def _add_predict_route(app: Any, st: "_State") -> None:
         t0 = time.perf_counter()
         w = worker_of(name)
         items, names, top_k = await read_items(request, w)
-        costs = [1] * len(items)
-        if w.clf.task == "text":  # tokenized once, off the event loop: the batcher's token budget, then the model
-            from duoclass.preprocess.load import Encoded, load_each
-
-            encoded, _ = await asyncio.to_thread(load_each, w.clf.preprocessor, items)
-            costs = [max(1, len(encoded[i])) if i in encoded else 1 for i in range(len(items))]
-            items = [Encoded(t, encoded[i]) if i in encoded else t for i, t in enumerate(items)]
+        n = len(items)
+        w.reserve(n)  # admission (a 429 when the queue is full) before any decoding or tokenizing
         try:
-            results = await w.predict(items, names, costs, top_k)
-        except InternalError as e:
-            metrics(metrics.errors.inc, "internal")
-            return JSONResponse({"error": f"internal error while predicting ({e}); see the server log"}, status_code=500)
-        failed = [{"index": i, "error": str(r.error).removeprefix("image bytes: ")} for i, r in enumerate(results) if r.error]
-        if failed:
+            if w.clf.task == "text" and sum(len(t) for t in items) <= INLINE_TEXT_CHARS:
+                encoded, errors = load_each(w.clf.preprocessor, items)  # a few short texts: cheaper than a thread
+            else:
+                encoded, errors = await asyncio.get_running_loop().run_in_executor(
+                    st.encoder, functools.partial(load_each, w.clf.preprocessor, items, budget_s=settings.request_cpu_s))
+        except BaseException:
+            w.release(n)
+            raise
+        if errors:
+            w.release(n)
+            failed = [{"index": i, "error": errors[i].removeprefix("image bytes: ")} for i in sorted(errors)]
             first = failed[0]
             more = f" (and {len(failed) - 1} more items)" if len(failed) > 1 else ""
             raise RequestError(422, f"{names[first['index']]}: {first['error']}{more}",
+                               "bad_image" if w.clf.task == "image" else "bad_text", items=failed)
+        costs = [max(1, len(encoded[i])) if w.clf.task == "text" else 1 for i in range(n)]
+        try:
+            results = await w.predict([Encoded(x, encoded[i]) for i, x in enumerate(items)], names, costs, top_k,
+                                      reserved=n)
+        except InternalError as e:
+            metrics(metrics.errors.inc, "internal")
+            return JSONResponse({"error": f"internal error while predicting ({e}); see the server log"}, status_code=500)
+        failed = [{"index": i, "error": str(r.error)} for i, r in enumerate(results) if r.error]
+        if failed:  # encoded inputs do not fail in the model thread; this is a guard, not a path
+            raise RequestError(422, f"{names[failed[0]['index']]}: {failed[0]['error']}",
                                "bad_image" if w.clf.task == "image" else "bad_text", items=failed)
         out = [{k: v for k, v in r.to_dict().items() if k in ("label", "score", "top_k", "warning")} for r in results]
         return JSONResponse({"model": name, "predictions": out,
@@ -409,14 +455,13 @@ def _add_predict_route(app: Any, st: "_State") -> None:
 def _add_page_routes(app: Any, st: "_State") -> None:
     """The web page and its files, the log-in form, and /docs."""
     from fastapi import Request
-    from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-    settings, metrics, static, swagger = st.settings, st.metrics, st.static, st.swagger
+    settings, metrics, static, swagger, sessions = st.settings, st.metrics, st.static, st.swagger, st.sessions
 
     # --- the web page, log-in, docs -------------------------------------------------------------
-    def page_headers() -> dict[str, str]:
-        return {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"}
+    def page_headers(csp: str = PAGE_CSP) -> dict[str, str]:
+        return {"Content-Security-Policy": csp, "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"}
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
@@ -435,37 +480,56 @@ def _add_page_routes(app: Any, st: "_State") -> None:
     async def login(request: Request) -> Response:
         from urllib.parse import parse_qs
 
+        client = request.client.host if request.client else "?"
+        wait = sessions.blocked(client)
+        if wait:
+            raise RequestError(429, f"too many failed log-ins from {client}; retry after {wait} s", "too_many_logins",
+                               {"Retry-After": str(wait)})
         try:
             fields = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
         except ValueError:  # more fields than the form has
             raise RequestError(400, "the log-in form has two fields, token and next; send no others",
                                "bad_request") from None
         nxt = fields.get("next", ["/"])[0]
-        nxt = nxt if nxt in ("/", "/docs") else "/"
+        nxt = nxt if nxt in PAGES else "/"
         if settings.token is None:
             return RedirectResponse(nxt, status_code=303)
         given = fields.get("token", [""])[0]
         if not hmac.compare_digest(given.encode("utf-8"), settings.token.encode("utf-8")):
+            sessions.failed(client)
             metrics(metrics.errors.inc, "unauthorized")
-            return HTMLResponse(LOGIN_PAGE.format(next=_html_escape(nxt), message="Wrong token."), status_code=401)
+            return HTMLResponse(LOGIN_PAGE.format(next=_html_escape(nxt), message="Wrong token."), status_code=401,
+                                headers={"Cache-Control": "no-store", "Content-Security-Policy": LOGIN_CSP})
         r = RedirectResponse(nxt, status_code=303)
-        r.set_cookie(COOKIE, _session_value(settings.token), httponly=True, samesite="strict", path="/")
+        r.set_cookie(COOKIE, sessions.new(), max_age=sessions.seconds, httponly=True, samesite="strict", path="/")
+        return r
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        cookie = sessions.cookie_of({"cookie": request.headers.get("cookie", "")})
+        if cookie:
+            sessions.revoke(cookie)
+        r = RedirectResponse("/", status_code=303)
+        r.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return r
 
     if settings.docs:
         @app.get("/docs", include_in_schema=False)
         async def docs() -> Response:
-            if swagger:
-                return get_swagger_ui_html(openapi_url="/openapi.json", title="duoclass API",
-                                           swagger_js_url="/docs/swagger-ui-bundle.js",
-                                           swagger_css_url="/docs/swagger-ui.css",
-                                           swagger_favicon_url="/docs/favicon-32x32.png")
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="duoclass API")
+            if not swagger:
+                return HTMLResponse(DOCS_MISSING, status_code=404, headers=page_headers())
+            return HTMLResponse(static["docs.html"], headers=page_headers())
+
+        @app.get("/redoc", include_in_schema=False)
+        async def redoc() -> Response:
+            if not swagger:
+                return HTMLResponse(DOCS_MISSING, status_code=404, headers=page_headers())
+            return HTMLResponse(static["redoc.html"], headers=page_headers(DOCS_CSP))
 
         def swagger_route(fname: str) -> None:
             async def get_asset() -> Response:
                 data, mime = swagger[fname]
-                return Response(data, media_type=mime, headers={"Cache-Control": "max-age=86400"})
+                return Response(data, media_type=mime, headers={**page_headers(), "Cache-Control": "max-age=86400"})
 
             app.get(f"/docs/{fname}", include_in_schema=False, name=f"docs_{fname}")(get_asset)
 
@@ -513,9 +577,10 @@ def serve(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLi
     app = create_app(model_dirs, settings)
     log.info("serving %s on http://%s:%d/ (API docs at /docs)%s", ", ".join(app.state.workers), settings.host,
              settings.port, "; token required" if settings.token else "")
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=settings.access_log, server_header=False,
-                log_level="warning" if log.getEffectiveLevel() > logging.INFO else "info",
-                timeout_graceful_shutdown=10)
+    from duoclass.serve.connections import uvicorn_config
+
+    uvicorn.Server(uvicorn_config(app, settings, log_level="warning" if log.getEffectiveLevel() > logging.INFO
+                                  else "info")).run()
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ class ModelWorker:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"duoclass-{name}")
         self._task: asyncio.Task | None = None
         self._batch_seconds = 0.01  # running mean, for Retry-After
+        self.reserved = 0  # queue places admitted requests hold while their items are decoded or tokenized
         self.closed = False
 
     # the event-loop side -----------------------------------------------------------------
@@ -67,18 +68,32 @@ class ModelWorker:
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained: batches ahead x mean seconds per batch."""
-        batches = math.ceil(len(self.queue) / self.settings.max_batch_size)
+        batches = math.ceil((len(self.queue) + self.reserved) / self.settings.max_batch_size)
         return max(1, min(60, math.ceil(batches * self._batch_seconds)))
 
-    async def predict(self, items: Sequence[Any], names: Sequence[str], costs: Sequence[int], top_k: int) -> list[Any]:
-        """One Prediction per item, in order, predicted alongside other requests' items."""
+    def reserve(self, n: int) -> None:
+        """Admission, before any decoding or tokenizing: a place in the queue for n items, or a 429 (a 503 when
+        stopping). Places reserved count as waiting until `predict(..., reserved=n)` queues them or `release(n)`."""
         if self.closed:
             raise RequestError(503, "the server is shutting down", "shutting_down", {"Retry-After": "5"})
-        if len(self.queue) + len(items) > self.settings.max_queue:
+        waiting = len(self.queue) + self.reserved
+        if waiting + n > self.settings.max_queue:
             s = self.retry_after()
-            raise RequestError(429, f"model {self.name!r} is busy: {len(self.queue)} items are waiting and this request "
-                                    f"adds {len(items)} (--max-queue {self.settings.max_queue}); retry after {s} s",
+            raise RequestError(429, f"model {self.name!r} is busy: {waiting} items are waiting and this request "
+                                    f"adds {n} (--max-queue {self.settings.max_queue}); retry after {s} s",
                                "queue_full", {"Retry-After": str(s)})
+        self.reserved += n
+
+    def release(self, n: int) -> None:
+        self.reserved -= n
+
+    async def predict(self, items: Sequence[Any], names: Sequence[str], costs: Sequence[int], top_k: int,
+                      reserved: int = 0) -> list[Any]:
+        """One Prediction per item, in order, predicted alongside other requests' items. Items are raw inputs or
+        `Encoded` ones; `reserved`: places this request took with `reserve` (else they are asked for here)."""
+        if not reserved:
+            self.reserve(len(items))
+        self.release(reserved or len(items))
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = [loop.create_future() for _ in items]

@@ -3,7 +3,9 @@ client mistake becomes a `RequestError` (a 4xx JSON answer).
 """
 import base64
 import binascii
+import json
 import logging
+import re
 import math
 import types
 from typing import Annotated, Any, Mapping, Optional
@@ -13,9 +15,10 @@ from duoclass.serve.settings import ServeSettings
 log = logging.getLogger("duoclass")
 # The image formats training reads (data.sources.IMAGE_EXTS), by their first bytes. Anything else is
 # refused before Pillow sees it, so no other decoder (and no external program) ever runs on an upload.
-MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-         (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"P5", "PGM"), (b"P6", "PPM"),
-         (b"P2", "PGM"), (b"P3", "PPM"))
+MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+         (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"P5", "ppm"), (b"P6", "ppm"),
+         (b"P2", "ppm"), (b"P3", "ppm"))
+SMALL_JSON = 64 * 1024  # bodies up to this size are parsed on the event loop; larger ones in a thread, bounded
 
 
 class RequestError(Exception):
@@ -36,14 +39,131 @@ class RequestError(Exception):
 
 
 # --- request parsing --------------------------------------------------------------------------
-def _sniff(data: bytes, what: str) -> None:
+def image_format(data: bytes) -> str | None:
+    """The image format these bytes start like (a name of settings.IMAGE_FORMATS), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((name for m, name in MAGIC if data.startswith(m)), None)
+
+
+def _sniff(data: bytes, what: str, formats: str | None = None) -> None:
+    """Refuse, before any decoder sees them, bytes that are no image of the formats the server accepts."""
     if not data:
         raise RequestError(422, f"{what}: empty (0 bytes); send the image file's content", "bad_image")
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return
-    if not any(data.startswith(m) for m, _ in MAGIC):
+    fmt = image_format(data)
+    if fmt is None:
         raise RequestError(422, f"{what}: not an image (unrecognised file content); send a PNG, JPEG, GIF, BMP, "
                                 "TIFF, WebP or PPM/PGM file", "bad_image")
+    if formats is not None and fmt not in formats.split(","):
+        raise RequestError(415, f"{what}: a {fmt.upper()} image, and this server takes {formats} (--image-formats)",
+                           "unsupported_media_type")
+
+
+# --- a JSON body, read with work bounded by the limits rather than by its size ------------------------------
+_WS = " \t\n\r"
+_SCALAR = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null")
+FIELDS = ("text", "texts", "image", "images", "top_k")
+
+
+def bounded_json(body: bytes, max_items: int, max_chars: dict[str, int]) -> dict[str, Any]:
+    """The predict body as a dict, read so that a large body costs time in proportion to what the limits allow,
+    never to its size: one flat object of the known fields, whose lists hold strings and are read no further
+    than max_items + 1 entries; a string longer than its field's limit (max_chars) is refused without being
+    copied. Anything else is a 400/422 at once. (json.loads, or pydantic, of a 14 MB list holds the event loop,
+    and every other connection, for most of a second.)"""
+    try:
+        s = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(400, f"the body is not valid JSON (not UTF-8 at byte {e.start}); send UTF-8 JSON",
+                           "invalid_request") from None
+
+    def syntax(i: int, what: str) -> RequestError:
+        return RequestError(400, f"the body is not valid JSON ({what} at character {i}); send e.g. "
+                                 "{\"text\": \"...\"} or {\"image\": \"<base64>\"}", "invalid_request")
+
+    def skip(i: int) -> int:
+        while i < len(s) and s[i] in _WS:
+            i += 1
+        return i
+
+    def string(i: int, field: str, where: str) -> tuple[str, int]:
+        end = s.find('"', i + 1)
+        if end < 0:
+            raise syntax(i, "an unterminated string")
+        limit = max_chars.get(field)
+        if "\\" not in s[i + 1 : end] if end - i < 4096 else s.find("\\", i + 1, end) < 0:  # no escapes: a slice
+            if limit is not None and end - i - 1 > limit:
+                raise RequestError(422, f"{where}: {end - i - 1:,} characters; at most {limit:,} (the server's limit)",
+                                   "too_large" if field.startswith("image") else "invalid_request")
+            return s[i + 1 : end], end + 1
+        try:
+            value, j = json.decoder.scanstring(s, i + 1)
+        except json.JSONDecodeError as e:
+            raise syntax(e.pos, e.msg.lower()) from None
+        if limit is not None and len(value) > limit:
+            raise RequestError(422, f"{where}: {len(value):,} characters; at most {limit:,} (the server's limit)",
+                               "too_large" if field.startswith("image") else "invalid_request")
+        return value, j
+
+    def scalar(i: int, where: str) -> tuple[Any, int]:
+        m = _SCALAR.match(s, i)
+        if not m:
+            raise RequestError(422, f"{where}: expected a string, a number or a list of strings", "invalid_request") \
+                if i < len(s) and s[i] in "{[" else syntax(i, "an unexpected character")
+        return json.loads(m.group()), m.end()
+
+    i = skip(0)
+    if i >= len(s) or s[i] != "{":
+        raise RequestError(422, "the body must be a JSON object, e.g. {\"text\": \"...\"}", "invalid_request")
+    out: dict[str, Any] = {}
+    i = skip(i + 1)
+    if i < len(s) and s[i] == "}":
+        return out
+    while True:
+        if i >= len(s) or s[i] != '"':
+            raise syntax(i, "expected a field name")
+        key, i = string(i, "", "a field name")
+        if key not in FIELDS:
+            raise RequestError(422, f"{key[:40]}: unknown field; send one of text, texts, image, images (and optionally "
+                                    "top_k)", "invalid_request")
+        i = skip(i)
+        if i >= len(s) or s[i] != ":":
+            raise syntax(i, "expected ':'")
+        i = skip(i + 1)
+        if i < len(s) and s[i] == '"':
+            out[key], i = string(i, key, key)
+        elif i < len(s) and s[i] == "[":
+            items: list[Any] = []
+            i = skip(i + 1)
+            if i < len(s) and s[i] == "]":
+                i += 1
+            while i < len(s) and s[i - 1] != "]":
+                where = f"{key}[{len(items)}]"
+                if len(items) == max_items:
+                    raise RequestError(422, f"{key}: more than {max_items} items; at most {max_items} per request "
+                                            "(--max-items)", "invalid_request")
+                if s[i] != '"':
+                    raise RequestError(422, f"{where}: expected a string", "invalid_request")
+                value, i = string(i, key, where)
+                items.append(value)
+                i = skip(i)
+                if i < len(s) and s[i] in ",]":
+                    i = skip(i + 1) if s[i] == "," else i + 1
+                else:
+                    raise syntax(i, "expected ',' or ']'")
+            out[key] = items
+        else:
+            out[key], i = scalar(i, key)
+        i = skip(i)
+        if i < len(s) and s[i] == ",":
+            i = skip(i + 1)
+            continue
+        if i < len(s) and s[i] == "}":
+            break
+        raise syntax(i, "expected ',' or '}'")
+    if skip(i + 1) != len(s):
+        raise syntax(skip(i + 1), "extra data after the object")
+    return out
 
 
 def _b64(s: str, what: str, limit: int) -> bytes:
@@ -84,13 +204,18 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[int, str]:
     return 422, "; ".join(parts) + more
 
 
+def b64_chars(settings: ServeSettings) -> int:
+    """The longest base64 text of an image within --max-image-bytes (with room for a data: URL prefix)."""
+    return math.ceil(settings.max_image_bytes / 3) * 4 + 256
+
+
 def _schemas(settings: ServeSettings) -> Any:
     """The pydantic models of the API (built per app: their limits are the app's settings)."""
     from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-    b64_chars = math.ceil(settings.max_image_bytes / 3) * 4 + 256  # room for a data: URL prefix and line breaks
+    b64_chars_ = b64_chars(settings)
     text_field = Field(None, max_length=settings.max_text_chars, description="one text to classify")
-    image_field = Field(None, max_length=b64_chars, description="one image file, base64 (or a data: URL)")
+    image_field = Field(None, max_length=b64_chars_, description="one image file, base64 (or a data: URL)")
 
     class PredictRequest(BaseModel):
         """Exactly one of text, texts (text models) or image, images (image models)."""
@@ -103,7 +228,7 @@ def _schemas(settings: ServeSettings) -> Any:
         texts: list[Annotated[str, Field(max_length=settings.max_text_chars)]] = Field(  # type: ignore[assignment]
             None, min_length=1, max_length=settings.max_items, description="several texts")
         image: str = image_field  # type: ignore[assignment]
-        images: list[Annotated[str, Field(max_length=b64_chars)]] = Field(  # type: ignore[assignment]
+        images: list[Annotated[str, Field(max_length=b64_chars_)]] = Field(  # type: ignore[assignment]
             None, min_length=1, max_length=settings.max_items, description="several base64 images")
         top_k: int = Field(1, ge=1, le=1000, description="how many labels to return per item, best first")
 

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -12,6 +13,7 @@ from duoclass.errors import DuoclassError
 log = logging.getLogger("duoclass")
 
 TOKEN_ENV = "DUOCLASS_TOKEN"
+IMAGE_FORMATS = ("png", "jpeg", "gif", "bmp", "tiff", "webp", "ppm")  # what training reads; ppm covers PGM too
 
 
 def _f(default: Any, help: str) -> Any:
@@ -40,6 +42,21 @@ class ServeSettings:
     max_files: int = _f(16, "most file parts in one multipart body")
     max_pixels: int = _f(40_000_000, "largest image in pixels (width x height), checked before decoding")
     timeout_s: float = _f(30.0, "longest a request waits for its prediction before a 503 with Retry-After")
+    max_decode_mb: float = _f(64.0, "largest memory one image may take to decode, in MiB, estimated from its declared "
+                                    "size and pixel format before decoding (bigger images are refused with a 413)")
+    request_cpu_s: float = _f(2.0, "most seconds of decoding one request may cost; items past it are refused")
+    image_formats: str = _f("png,jpeg,gif,bmp,tiff,webp,ppm", "comma-separated image formats accepted (by their first "
+                                                               "bytes); others get a 415")
+    max_connections: int = _f(0, "most open connections; past it the oldest idle one is closed (0: the process's "
+                                 "file-descriptor limit less 64)")
+    header_timeout_s: float = _f(10.0, "longest a client may take to send a request's headers before the connection "
+                                       "is closed")
+    body_timeout_s: float = _f(30.0, "longest a client may take to send a request's body before a 408")
+    keep_alive_s: float = _f(5.0, "how long an idle keep-alive connection stays open")
+    allowed_host: str = _f("", "comma-separated Host names (and IPs) to answer besides loopback names and the bound "
+                               "address; `*` answers any (a DNS-rebinding page can then reach a server without a token)")
+    session_hours: float = _f(12.0, "how long a web page log-in lasts")
+    login_attempts: int = _f(10, "failed log-ins allowed per client address per minute; past it 429")
     docs: bool = _f(True, "serve the OpenAPI page at /docs and the schema at /openapi.json")
     access_log: bool = _f(True, "log one line per request")
 
@@ -54,9 +71,25 @@ class ServeSettings:
         if not 0 <= self.port <= 65535:
             bad("port", f"got {self.port}; use 1 to 65535 (or 0 for any free port)")
         for name in ("max_batch_size", "max_tokens", "max_queue", "max_in_flight", "max_items", "max_text_chars",
-                     "max_body_bytes", "max_image_bytes", "max_files", "max_pixels"):
+                     "max_body_bytes", "max_image_bytes", "max_files", "max_pixels", "login_attempts"):
             if getattr(self, name) < 1:
                 bad(name, f"got {getattr(self, name)}; must be a positive integer")
+        if self.max_connections < 0 or 0 < self.max_connections < 8:
+            bad("max_connections", f"got {self.max_connections}; use 0 (from the file-descriptor limit) or at least 8")
+        for name in ("max_decode_mb", "request_cpu_s", "header_timeout_s", "body_timeout_s", "keep_alive_s",
+                     "session_hours"):
+            if not 0 < getattr(self, name) <= 1e6:
+                bad(name, f"got {getattr(self, name)}; must be a positive number")
+        formats = [f.strip().lower() for f in self.image_formats.split(",") if f.strip()]
+        unknown = sorted(set(formats) - set(IMAGE_FORMATS))
+        if unknown or not formats:
+            bad("image_formats", f"got {self.image_formats!r}; use a comma-separated list of: {', '.join(IMAGE_FORMATS)}")
+        self.image_formats = ",".join(dict.fromkeys(formats))
+        hosts = [h.strip().lower() for h in self.allowed_host.split(",") if h.strip()]
+        for h in hosts:
+            if h != "*" and not re.fullmatch(r"[a-z0-9._:\[\]-]{1,253}", h):
+                bad("allowed_host", f"got {h!r}; give host names or IP addresses without a port (or *)")
+        self.allowed_host = ",".join(hosts)
         if not 0 <= self.max_wait_ms <= 10_000:
             bad("max_wait_ms", f"got {self.max_wait_ms}; use 0 to 10000 milliseconds, e.g. 5")
         if not self.timeout_s > 0:
