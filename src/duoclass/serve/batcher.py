@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from duoclass.infer.predict import length_groups
 from duoclass.serve.metrics import Metrics
 from duoclass.serve.requests import RequestError
 from duoclass.serve.settings import ServeSettings
 
 log = logging.getLogger("duoclass")
+# A model call's fixed cost, in padded tokens: a text micro-batch is split where padding would cost more. 64 was
+# best or near it for MiniLM on both backends (benchmarks/RESULTS.md, serving).
+CALL_COST_TOKENS = 64
 
 
 # --- micro-batching ---------------------------------------------------------------------------
@@ -108,7 +112,11 @@ class ModelWorker:
 
     def _take(self, pop: bool) -> list[_Pending]:
         """The next batch: up to max_batch_size live items, and for text at most token_budget padded tokens
-        (a text longer than the budget goes alone). With pop=False, only counts what it would take."""
+        (a text longer than the budget goes alone). With pop=False, only counts what it would take.
+
+        Texts: of those items, only the group of similar lengths that holds the oldest one (`length_groups`:
+        split where padding would cost more than a model call); the rest wait for the next call, with whatever
+        arrives meanwhile. Smaller, fuller calls, and the answers of each go out while the next one runs."""
         batch: list[_Pending] = []
         longest, i = 0, 0
         while i < len(self.queue) and len(batch) < self.settings.max_batch_size:
@@ -123,10 +131,14 @@ class ModelWorker:
                 break
             batch.append(p)
             longest = max(longest, p.cost)
-            if pop:
-                self.queue.popleft()
-            else:
-                i += 1
+            i += 1
+        if pop and batch:
+            if self.token_budget and len(batch) > 1:
+                order = sorted(range(len(batch)), key=lambda j: batch[j].cost)
+                groups = length_groups([batch[j].cost for j in order], CALL_COST_TOKENS)
+                batch = [batch[order[j]] for g in groups if any(order[j] == 0 for j in g) for j in g]
+            taken = {id(p) for p in batch}
+            self.queue = collections.deque(p for p in self.queue if id(p) not in taken and not p.future.done())
         return batch
 
     async def _loop(self) -> None:
