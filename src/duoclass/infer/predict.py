@@ -127,24 +127,6 @@ def predict_items(pre: Any, backend: Any, classes: Sequence[str], inputs: Sequen
     return results
 
 
-def length_groups(lengths: Sequence[int], call_cost: int) -> list[range]:
-    """Split texts sorted by length into consecutive groups, one model call each, at the least cost: a call costs
-    `call_cost` tokens of fixed work plus its items x its longest length (what padding makes it compute).
-    Dynamic programming over the split points; at most a few dozen texts, so O(n^2) is nothing."""
-    n = len(lengths)
-    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):
-            c = best[i] + call_cost + (j - i) * lengths[j - 1]
-            if c < best[j]:
-                best[j], cut[j] = c, i
-    out, j = [], n
-    while j > 0:
-        out.append(range(cut[j], j))
-        j = cut[j]
-    return out[::-1]
-
-
 def length_order(encoded: Mapping[int, Any]) -> list[int]:
     """The order text inputs are batched in: by encoded length, ties in input order."""
     return sorted(encoded, key=lambda i: len(encoded[i]))

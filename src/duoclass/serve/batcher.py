@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from duoclass.infer.predict import length_groups
 from duoclass.serve.metrics import Metrics
 from duoclass.serve.requests import RequestError
 from duoclass.serve.settings import ServeSettings
@@ -23,6 +22,24 @@ CALL_COST_TOKENS = 64
 
 
 # --- micro-batching ---------------------------------------------------------------------------
+def length_groups(lengths: Sequence[int], call_cost: int) -> list[range]:
+    """Split texts sorted by length into consecutive groups, one model call each, at the least cost: a call costs
+    `call_cost` tokens of fixed work plus its items x its longest length (what padding makes it compute).
+    Dynamic programming over the split points; at most a few dozen texts, so O(n^2) is nothing."""
+    n = len(lengths)
+    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + call_cost + (j - i) * lengths[j - 1]
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(range(cut[j], j))
+        j = cut[j]
+    return out[::-1]
+
+
 @dataclass
 class _Pending:
     item: Any  # bytes (an image) or str (a text): never a path
