@@ -94,7 +94,10 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m duoclass.serve` on a free loopback port, until the `with` block ends."""
 
-    def __init__(self, models: dict[str, Path], flags: list[str], log_file: Path):
+    def __init__(self, models: dict[str, Path], flags: list[str], log_file: Path, nofile: int | None = None,
+                 src: Path | None = None):
+        self.nofile = nofile  # the server's file-descriptor limit
+        self.src = src or REPO / "src"  # another checkout's src/, to measure an earlier duoclass
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.cmd = [sys.executable, "-m", "duoclass.serve.app", *(f"{k}={v}" for k, v in models.items()),
@@ -106,14 +109,23 @@ class ServerProcess:
 
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_file, "w")
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        env = dict(os.environ, PYTHONPATH=str(self.src) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+        def limits() -> None:
+            if self.nofile:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=limits)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log_file}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                token = self.cmd[self.cmd.index("--token") + 1] if "--token" in self.cmd else None
+                auth = {"Authorization": f"Bearer {token}"} if token else {}
+                if httpx.get(self.url + "/readyz", timeout=2, headers=auth).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -549,6 +549,11 @@ def _add_openapi(app: Any, st: "_State") -> None:
             schema = base_openapi()
             for path, item in schema["paths"].items():
                 for op in item.values():
+                    for status, resp in op.get("responses", {}).items():  # errors are JSON whatever the route's type
+                        content = resp.get("content", {})
+                        if status[0] in "45" and set(content) - {"application/json"}:
+                            schema_ = next((c["schema"] for c in content.values() if "schema" in c), None)
+                            resp["content"] = {"application/json": {"schema": schema_} if schema_ else {}}
                     for param in op.get("parameters", []):
                         if param.get("name") == "name" and param.get("in") == "path":
                             param["schema"] = {**param.get("schema", {}), "enum": list(workers)}
