@@ -557,13 +557,21 @@ def test_openapi_fuzzing_finds_no_5xx(server: Server, mode: str) -> None:
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
-    from schemathesis.checks import not_a_server_error
+    from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
+                                     positive_data_acceptance, response_headers_conformance,
+                                     response_schema_conformance, status_code_conformance)
     from schemathesis.generation import GenerationMode
+
+    conformance = [not_a_server_error, status_code_conformance, content_type_conformance,
+                   response_schema_conformance, response_headers_conformance]
+    CHECKS = {"positive": [*conformance, positive_data_acceptance], "negative": [*conformance, negative_data_rejection]}
+    failures: list[str] = []
 
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json", headers=AUTH)
     operations = [r.ok() for r in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
-        "POST /v1/models/{name}/predict", "GET /v1/models", "GET /v1/models/{name}", "GET /metrics", "GET /healthz"}
+        f"POST /v1/models/{IMAGE}/predict", f"POST /v1/models/{TEXT}/predict", "GET /v1/models", "GET /v1/models/{name}",
+        "GET /metrics", "GET /healthz"}
     calls: list[int] = []
     fuzzed = set()
     for op in operations:
@@ -573,19 +581,30 @@ def test_openapi_fuzzing_finds_no_5xx(server: Server, mode: str) -> None:
         def check(case: Any) -> None:
             response = case.call(base_url=server.url, headers=AUTH, timeout=30)
             calls.append(response.status_code)
-            case.validate_response(response, checks=[not_a_server_error])
+            checks = CHECKS[mode]
+            if response.status_code == 422 and "items" in (response.json() or {}):
+                # the bytes were no image: a schema cannot say what an image is, so this is no mismatch
+                checks = conformance
+            if mode == "negative" and response.status_code == 413:  # refused for its size: a rejection all the
+                checks = conformance                                # same (schemathesis's list lacks 413)
+            try:
+                case.validate_response(response, checks=checks)
+            except Exception as e:  # noqa: BLE001  (collect them all, to say every mismatch at once)
+                failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: "
+                                f"{str(e).strip().splitlines()[0][:300]}")
 
         try:
             check()
             fuzzed.add(op.path)
         except Unsatisfiable:  # negative mode: an operation without parameters or body has nothing to break
             assert mode == "negative", op.path
-    assert "/v1/models/{name}/predict" in fuzzed and calls and max(calls) < 500
+    assert not failures, "\n".join(sorted(set(failures)))
+    assert {predict_url(IMAGE), predict_url(TEXT)} <= fuzzed and calls and max(calls) < 500
 
 
 def test_openapi_documents_the_api(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
-    op = spec["paths"]["/v1/models/{name}/predict"]["post"]
+    op = spec["paths"][predict_url(IMAGE)]["post"]
     assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
     assert {"200", "401", "404", "413", "415", "422", "429"} <= set(op["responses"])
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"

@@ -38,6 +38,7 @@ ServeSettings); `create_app` does.
 """
 import argparse
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
@@ -163,7 +164,6 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
     except ImportError as e:
         raise DuoclassError(f"duoclass serve needs FastAPI ({e.name} is missing); install it with "
                             "`pip install duoclass[serve]`") from None
-    import contextlib
 
     from duoclass import __version__
 
@@ -347,7 +347,8 @@ def _add_predict_route(app: Any, st: "_State") -> None:
                     if len(data) > settings.max_image_bytes:
                         raise RequestError(413, f"{what}: larger than {settings.max_image_bytes:,} bytes (--max-image-bytes)",
                                            "too_large")
-                    _sniff(data, what, settings.image_formats)
+                    with _item(i, what):
+                        _sniff(data, what, settings.image_formats)
                     items.append(bytes(data))
                     names.append(what)
                 return items, names, top_k
@@ -393,8 +394,9 @@ def _add_predict_route(app: Any, st: "_State") -> None:
         names = ["image"] if req.image is not None else [f"images[{i}]" for i in range(len(raw))]
         items = []
         for s, n in zip(raw, names):
-            data = _b64(s, n, settings.max_image_bytes)  # type: ignore[arg-type]
-            _sniff(data, n, settings.image_formats)
+            with _item(len(items), n):
+                data = _b64(s, n, settings.max_image_bytes)  # type: ignore[arg-type]
+                _sniff(data, n, settings.image_formats)
             items.append(data)
         return items, names, req.top_k
 
@@ -450,6 +452,18 @@ def _add_predict_route(app: Any, st: "_State") -> None:
         out = [{k: v for k, v in r.to_dict().items() if k in ("label", "score", "top_k", "warning")} for r in results]
         return JSONResponse({"model": name, "predictions": out,
                              "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+
+@contextlib.contextmanager
+def _item(index: int, name: str) -> Any:
+    """A RequestError about one item's content (not base64, not an image) names that item in `items`, as an item
+    that fails to decode does."""
+    try:
+        yield
+    except RequestError as e:
+        if e.items is None and e.status == 422:
+            e.items = [{"index": index, "error": e.message.removeprefix(f"{name}: ")}]
+        raise
 
 
 def _add_page_routes(app: Any, st: "_State") -> None:
@@ -557,6 +571,7 @@ def _add_openapi(app: Any, st: "_State") -> None:
                     for param in op.get("parameters", []):
                         if param.get("name") == "name" and param.get("in") == "path":
                             param["schema"] = {**param.get("schema", {}), "enum": list(workers)}
+            _predict_per_model(schema, st)
             if settings.token:
                 schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
                 schema["security"] = [{"bearer": []}]
@@ -566,6 +581,33 @@ def _add_openapi(app: Any, st: "_State") -> None:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+
+
+def _predict_per_model(schema: dict[str, Any], st: "_State") -> None:
+    """One predict path per model, with the body its task takes: the schema then allows only requests the server
+    accepts (a text model's path documents texts, an image model's images), where one path for every model
+    would allow sending an image to a text model. The route itself stays one."""
+    import copy
+
+    generic = schema["paths"].pop("/v1/models/{name}/predict")["post"]
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    full = components.pop("PredictRequest", None) or st.schemas.PredictRequest.model_json_schema()
+    for task, keep in (("text", ("text", "texts")), ("image", ("image", "images"))):
+        props = {k: v for k, v in full["properties"].items() if k in (*keep, "top_k")}
+        components[f"{task.capitalize()}PredictRequest"] = {
+            "title": f"{task.capitalize()}PredictRequest", "type": "object", "properties": props,
+            "additionalProperties": False, "oneOf": [{"required": [k]} for k in keep],
+            "description": f"Exactly one of {' or '.join(keep)}, and optionally top_k."}
+    for name, w in st.workers.items():
+        op = copy.deepcopy(generic)
+        op["operationId"] = f"predict_{name}"
+        op["summary"] = f"predict with {name} ({w.clf.task} model)"
+        op["parameters"] = [p for p in op.get("parameters", []) if p.get("name") != "name"]
+        content = op["requestBody"]["content"]
+        content["application/json"] = {"schema": {"$ref": f"#/components/schemas/{w.clf.task.capitalize()}PredictRequest"}}
+        if w.clf.task == "text":
+            content.pop("multipart/form-data", None)
+        schema["paths"][f"/v1/models/{name}/predict"] = {"post": op}
 
 
 def serve(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],

@@ -211,11 +211,11 @@ def b64_chars(settings: ServeSettings) -> int:
 
 def _schemas(settings: ServeSettings) -> Any:
     """The pydantic models of the API (built per app: their limits are the app's settings)."""
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
     b64_chars_ = b64_chars(settings)
     text_field = Field(None, max_length=settings.max_text_chars, description="one text to classify")
-    image_field = Field(None, max_length=b64_chars_, description="one image file, base64 (or a data: URL)")
+    image_field = Field(None, min_length=1, max_length=b64_chars_, description="one image file, base64 (or a data: URL)")
 
     class PredictRequest(BaseModel):
         """Exactly one of text, texts (text models) or image, images (image models)."""
@@ -228,9 +228,16 @@ def _schemas(settings: ServeSettings) -> Any:
         texts: list[Annotated[str, Field(max_length=settings.max_text_chars)]] = Field(  # type: ignore[assignment]
             None, min_length=1, max_length=settings.max_items, description="several texts")
         image: str = image_field  # type: ignore[assignment]
-        images: list[Annotated[str, Field(max_length=b64_chars_)]] = Field(  # type: ignore[assignment]
+        images: list[Annotated[str, Field(min_length=1, max_length=b64_chars_)]] = Field(  # type: ignore[assignment]
             None, min_length=1, max_length=settings.max_items, description="several base64 images")
-        top_k: int = Field(1, ge=1, le=1000, description="how many labels to return per item, best first")
+        top_k: int = Field(1, ge=1, le=1000, strict=False, description="how many labels to return per item, best first")
+
+        @field_validator("top_k", mode="before")
+        @classmethod
+        def _whole_number(cls, v: Any) -> Any:  # 3 and 3.0 are the same JSON integer; "3", true and 3.5 are not
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError("Input should be a valid integer")
+            return int(v)
 
         @model_validator(mode="after")
         def _one_input(self) -> "PredictRequest":
