@@ -654,6 +654,8 @@ def test_web_page_in_a_real_browser(server: Server, client: httpx.Client, pngs: 
             page.on("pageerror", lambda e: errors.append(str(e)))
             asked: list[str] = []
             page.on("request", lambda r: asked.append(r.url))
+            fetched: list[str] = []
+            page.on("response", lambda r: fetched.append(r.url))
             page.goto(server.url + "/")
             page.fill("#token", TOKEN)  # the log-in form of a server with a token
             page.click("#login")
@@ -689,6 +691,26 @@ def test_web_page_in_a_real_browser(server: Server, client: httpx.Client, pngs: 
             page.screenshot(path=str(shots / "serve-text.png"), full_page=True)
             assert not errors, errors
             assert not [u for u in asked if u.endswith("/favicon.ico")], asked  # the page names its own icon
+
+            # the API pages: Swagger UI and ReDoc from this server alone, under its Content-Security-Policy
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(server.url + "/docs")
+            page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+            shown_paths = page.locator(".opblock-summary-path").all_inner_texts()
+            assert predict_url(IMAGE) in shown_paths and predict_url(TEXT) in shown_paths
+            page.screenshot(path=str(shots / "serve-docs.png"))
+            page.goto(server.url + "/redoc")
+            page.wait_for_selector(f"text=predict with {TEXT}", timeout=30_000)
+            page.screenshot(path=str(shots / "serve-redoc.png"))
+            # ReDoc's footer names its logo on redocly's CDN: the policy blocks it, and that is all it blocks
+            assert not [e for e in errors if "cdn.redoc.ly" not in e], errors
+            foreign = [u for u in fetched if not u.startswith((server.url, "data:", "blob:"))]
+            assert not foreign, foreign  # asked for (ReDoc's logo), blocked by the policy, never fetched
+
+            page.goto(server.url + "/")  # log out: the cookie no longer opens the page
+            page.click("#logout-button")
+            page.wait_for_selector("#token")
+            assert page.goto(server.url + "/").status == 401 and page.locator("#token").is_visible()
         finally:
             browser.close()
 

@@ -262,7 +262,8 @@ def _add_model_routes(app: Any, st: "_State") -> None:
 
     @app.get("/v1/models", summary="the models served: task, classes, test metrics, preprocessing", responses=common)
     async def list_models() -> dict[str, Any]:
-        return {"models": [{k: v for k, v in c.items() if k != "per_class"} for c in cards.values()]}
+        return {"models": [{k: v for k, v in c.items() if k != "per_class"} for c in cards.values()],
+                "token_required": st.settings.token is not None}
 
     @app.get("/v1/models/{name}", summary="one model's card, per-class metrics included",
              responses={**common, 404: {**err, "description": "no such model"}})

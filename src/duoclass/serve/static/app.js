@@ -122,7 +122,9 @@ function selectModel(name) {
 
 async function init() {
   try {
-    models = (await api("/v1/models")).models;
+    const listing = await api("/v1/models");
+    models = listing.models;
+    $("logout").hidden = !listing.token_required;
   } catch (e) {
     setStatus(`cannot list the models: ${e.message}`, true);
     return;
