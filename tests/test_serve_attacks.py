@@ -11,7 +11,6 @@ import json
 import re
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,8 +29,8 @@ from duoclass.serve.metrics import Metrics  # noqa: E402
 from duoclass.serve.requests import RequestError, bounded_json  # noqa: E402
 from duoclass.serve.settings import ServeSettings  # noqa: E402
 
-from .test_serve import AUTH, IMAGE, TEXT, TOKEN, Gate, Server, b64, image_clf, model_dirs, png, pngs, predict_url, \
-    text_clf  # noqa: E402,F401
+from .test_serve import AUTH, IMAGE, TEXT, TOKEN, Gate, Server, b64, predict_url  # noqa: E402
+from .test_serve import image_clf, model_dirs, pngs, text_clf  # noqa: E402,F401  (fixtures)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import serve_attacks  # noqa: E402

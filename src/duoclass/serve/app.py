@@ -15,15 +15,22 @@ Endpoints (every one needs the token when one is set, except /healthz):
                                        {"text": "..."} {"texts": [...]}, optional top_k
     GET  /v1/models, /v1/models/{name} task, classes, test metrics, preprocessing, plot URLs
     GET  /v1/models/{name}/confusion_matrix.png, .../curves.png   the run folder's plots, read at start
-    GET  /healthz  /readyz  /metrics (Prometheus text)  /docs  /openapi.json  /  (the web page)
+    GET  /healthz  /readyz  /metrics (Prometheus text)  /docs  /redoc  /openapi.json  /  (the web page)
+    POST /login  /logout                the web page's session (with a token)
+    HEAD on every GET route
 
 How a prediction runs: the handler validates the request (pydantic, sizes, image magic bytes,
-Unicode) and puts its items on the model's queue. One asyncio task per model takes items from many
-requests, up to --max-batch-size items (and, for text, --max-tokens padded tokens, from the
-preprocessor's encoded lengths) or until the oldest has waited --max-wait-ms, and hands the batch
-to the model's own thread, which calls `predict.predict_items` once: the model never runs on the
-event loop, and an input that fails gets its own error, so only its request is answered 4xx.
+Unicode; a large JSON body is read in a thread, with work bounded by the limits), takes places in
+the model's queue (a 429 when there are none: admission before any work), then decodes or tokenizes
+each item once, in a small thread pool (a bad item is answered 422 at once), and queues the encoded
+items. One asyncio task per model takes items from many requests, up to --max-batch-size items (and,
+for text, --max-tokens padded tokens, and only the group of similar lengths that holds the oldest
+item) or until the oldest has waited --max-wait-ms, and hands the batch to the model's own thread,
+which calls `predict.predict_items` once: the model never runs on the event loop.
 --max-batch-size 1 switches batching off, for comparison.
+
+Below the app, `connections.py` bounds the connections (header time and size, their number) and
+`auth.py`'s guard checks Host, the token or session, body size and time, and requests in flight.
 
 Limits, each a flag: body bytes, image bytes per part, files per multipart body, items per request,
 characters per text, image pixels (decompression bombs; checked before decoding), items waiting per
@@ -196,7 +203,8 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
     app.state.workers = workers
     app.state.settings = settings
     app.state.metrics = metrics
-    for add_routes in (_add_error_handlers, _add_model_routes, _add_predict_route, _add_page_routes, _add_openapi):
+    for add_routes in (_add_error_handlers, _add_model_routes, _add_predict_route, _add_page_routes, _add_login_routes,
+                       _add_openapi):
         add_routes(app, st)
     app.add_middleware(_Guard, settings=settings, metrics=metrics, sessions=st.sessions)
     return app
@@ -468,11 +476,10 @@ def _item(index: int, name: str) -> Any:
 
 
 def _add_page_routes(app: Any, st: "_State") -> None:
-    """The web page and its files, the log-in form, and /docs."""
-    from fastapi import Request
-    from fastapi.responses import HTMLResponse, RedirectResponse, Response
+    """The web page and its files, /docs and /redoc."""
+    from fastapi.responses import HTMLResponse, Response
 
-    settings, metrics, static, swagger, sessions = st.settings, st.metrics, st.static, st.swagger, st.sessions
+    settings, static, swagger = st.settings, st.static, st.swagger
 
     # --- the web page, log-in, docs -------------------------------------------------------------
     def page_headers(csp: str = PAGE_CSP) -> dict[str, str]:
@@ -490,6 +497,38 @@ def _add_page_routes(app: Any, st: "_State") -> None:
 
     for fname, mime in STATIC_FILES.items():
         static_route(fname, mime)
+
+    if settings.docs:
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> Response:
+            if not swagger:
+                return HTMLResponse(DOCS_MISSING, status_code=404, headers=page_headers())
+            return HTMLResponse(static["docs.html"], headers=page_headers())
+
+        @app.get("/redoc", include_in_schema=False)
+        async def redoc() -> Response:
+            if not swagger:
+                return HTMLResponse(DOCS_MISSING, status_code=404, headers=page_headers())
+            return HTMLResponse(static["redoc.html"], headers=page_headers(DOCS_CSP))
+
+        def swagger_route(fname: str) -> None:
+            async def get_asset() -> Response:
+                data, mime = swagger[fname]
+                return Response(data, media_type=mime, headers={**page_headers(), "Cache-Control": "max-age=86400"})
+
+            app.get(f"/docs/{fname}", include_in_schema=False, name=f"docs_{fname}")(get_asset)
+
+        for fname in swagger:
+            swagger_route(fname)
+
+
+def _add_login_routes(app: Any, st: "_State") -> None:
+    """POST /login (the page's form: a session cookie for the right token, a 429 past --login-attempts) and
+    POST /logout (the session revoked)."""
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+    settings, metrics, sessions = st.settings, st.metrics, st.sessions
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -527,29 +566,6 @@ def _add_page_routes(app: Any, st: "_State") -> None:
         r = RedirectResponse("/", status_code=303)
         r.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return r
-
-    if settings.docs:
-        @app.get("/docs", include_in_schema=False)
-        async def docs() -> Response:
-            if not swagger:
-                return HTMLResponse(DOCS_MISSING, status_code=404, headers=page_headers())
-            return HTMLResponse(static["docs.html"], headers=page_headers())
-
-        @app.get("/redoc", include_in_schema=False)
-        async def redoc() -> Response:
-            if not swagger:
-                return HTMLResponse(DOCS_MISSING, status_code=404, headers=page_headers())
-            return HTMLResponse(static["redoc.html"], headers=page_headers(DOCS_CSP))
-
-        def swagger_route(fname: str) -> None:
-            async def get_asset() -> Response:
-                data, mime = swagger[fname]
-                return Response(data, media_type=mime, headers={**page_headers(), "Cache-Control": "max-age=86400"})
-
-            app.get(f"/docs/{fname}", include_in_schema=False, name=f"docs_{fname}")(get_asset)
-
-        for fname in swagger:
-            swagger_route(fname)
 
 
 def _add_openapi(app: Any, st: "_State") -> None:

@@ -22,6 +22,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 LOGIN_PATHS = ("/login", "/logout")
 LOGIN_BODY_BYTES = 4096  # the log-in form: a token and a page to go back to
 LOGIN_IN_FLIGHT = 8  # log-ins handled at once; they never take a place among --max-in-flight
+LOGIN_PAGES = ("/", "/docs", "/redoc")  # a browser asking for these without a session gets the log-in form
 
 
 def _is_loopback(host: str) -> bool:
@@ -209,39 +210,21 @@ class _Guard:
 
         login = path in LOGIN_PATHS and scope["method"] == "POST"
         counted = path not in self.UNCOUNTED and not login
+        limit = LOGIN_BODY_BYTES if login else self.settings.max_body_bytes
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if not self.hosts.allowed(headers.get("host")):
-                shown = headers.get("host", "")[:100]
-                await reject(400, f"Host {shown!r} is not a name this server answers to; use its address or a "
-                                  "loopback name, or start it with --allowed-host NAME", "bad_host")
-                return
-            if self.token is not None and path not in self.OPEN and not login:
-                problem = self._auth_problem(headers)
-                if problem:
-                    if scope["method"] in ("GET", "HEAD") and "text/html" in headers.get("accept", "") and \
-                            path in ("/", "/docs", "/redoc"):
-                        self.metrics(self.metrics.errors.inc, "unauthorized")
-                        page = LOGIN_PAGE.format(next=path, message="")
-                        await HTMLResponse(page, status_code=401, headers={"Cache-Control": "no-store",
-                                                                           "Content-Security-Policy": LOGIN_CSP})(
-                            scope, receive, send_wrapped)
-                    else:
-                        await reject(401, problem, "unauthorized", {"WWW-Authenticate": "Bearer"})
-                    return
-            limit = LOGIN_BODY_BYTES if login else self.settings.max_body_bytes
-            length = _content_length(headers.get("content-length"))
-            if length is not None and length > limit:
-                await reject(413, f"request body of {length:,} bytes; at most {limit:,}"
-                                  f"{'' if login else ' (--max-body-bytes)'}", "too_large")
-                return
-            if login and self.logins >= LOGIN_IN_FLIGHT:
-                await reject(429, f"{self.logins} log-ins in progress; retry after 1 s", "too_many_requests",
-                             {"Retry-After": "1"})
-                return
-            if counted and self.in_flight >= self.settings.max_in_flight:
-                await reject(429, f"{self.in_flight} requests in flight (--max-in-flight {self.settings.max_in_flight}); "
-                                  "retry after 1 s", "too_many_requests", {"Retry-After": "1"})
+            refusal = self._refusal(path, headers, login, counted, limit)
+            if refusal is not None:
+                status_code, message, kind, extra = refusal
+                if status_code == 401 and scope["method"] in ("GET", "HEAD") and path in LOGIN_PAGES and \
+                        "text/html" in headers.get("accept", ""):  # a browser: the log-in form instead
+                    self.metrics(self.metrics.errors.inc, kind)
+                    page = LOGIN_PAGE.format(next=path, message="")
+                    await HTMLResponse(page, status_code=401, headers={"Cache-Control": "no-store",
+                                                                       "Content-Security-Policy": LOGIN_CSP})(
+                        scope, receive, send_wrapped)
+                else:
+                    await reject(status_code, message, kind, extra)
                 return
             inner = {**scope, "method": "GET"} if head else scope
             if counted:
@@ -263,6 +246,28 @@ class _Guard:
                 method = method if method in KNOWN_METHODS else "other"
                 self.metrics.requests.inc(method, route, str(status[0] or 500))
                 self.metrics.latency.observe(route, value=seconds)
+
+    def _refusal(self, path: str, headers: dict[str, str], login: bool, counted: bool, limit: int
+                 ) -> tuple[int, str, str, dict[str, str] | None] | None:
+        """Why this request is refused before the app sees it (status, message, kind, headers), or None."""
+        if not self.hosts.allowed(headers.get("host")):
+            shown = headers.get("host", "")[:100]
+            return (400, f"Host {shown!r} is not a name this server answers to; use its address or a loopback name, "
+                         "or start it with --allowed-host NAME", "bad_host", None)
+        if self.token is not None and path not in self.OPEN and not login:
+            problem = self._auth_problem(headers)
+            if problem:
+                return 401, problem, "unauthorized", {"WWW-Authenticate": "Bearer"}
+        length = _content_length(headers.get("content-length"))
+        if length is not None and length > limit:
+            return (413, f"request body of {length:,} bytes; at most {limit:,}{'' if login else ' (--max-body-bytes)'}",
+                    "too_large", None)
+        if login and self.logins >= LOGIN_IN_FLIGHT:
+            return 429, f"{self.logins} log-ins in progress; retry after 1 s", "too_many_requests", {"Retry-After": "1"}
+        if counted and self.in_flight >= self.settings.max_in_flight:
+            return (429, f"{self.in_flight} requests in flight (--max-in-flight {self.settings.max_in_flight}); retry "
+                         "after 1 s", "too_many_requests", {"Retry-After": "1"})
+        return None
 
     def _auth_problem(self, headers: dict[str, str]) -> str | None:
         auth = headers.get("authorization", "")

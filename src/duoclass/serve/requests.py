@@ -60,7 +60,7 @@ def _sniff(data: bytes, what: str, formats: str | None = None) -> None:
 
 
 # --- a JSON body, read with work bounded by the limits rather than by its size ------------------------------
-_WS = " \t\n\r"
+_WS = re.compile(r"[ \t\n\r]*")
 _SCALAR = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null")
 FIELDS = ("text", "texts", "image", "images", "top_k")
 
@@ -72,98 +72,113 @@ def bounded_json(body: bytes, max_items: int, max_chars: dict[str, int]) -> dict
     copied. Anything else is a 400/422 at once. (json.loads, or pydantic, of a 14 MB list holds the event loop,
     and every other connection, for most of a second.)"""
     try:
-        s = body.decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(400, f"the body is not valid JSON (not UTF-8 at byte {e.start}); send UTF-8 JSON",
                            "invalid_request") from None
+    return _JsonReader(text, max_items, max_chars).body()
 
-    def syntax(i: int, what: str) -> RequestError:
-        return RequestError(400, f"the body is not valid JSON ({what} at character {i}); send e.g. "
+
+class _JsonReader:
+    """The reader of `bounded_json`: `i` is the position in `s`, each method reads one thing from there."""
+
+    def __init__(self, s: str, max_items: int, max_chars: dict[str, int]):
+        self.s, self.i, self.max_items, self.max_chars = s, 0, max_items, max_chars
+
+    def syntax(self, what: str) -> RequestError:
+        return RequestError(400, f"the body is not valid JSON ({what} at character {self.i}); send e.g. "
                                  "{\"text\": \"...\"} or {\"image\": \"<base64>\"}", "invalid_request")
 
-    def skip(i: int) -> int:
-        while i < len(s) and s[i] in _WS:
-            i += 1
-        return i
+    def at(self, chars: str) -> bool:
+        """Skip white space; whether the next character is one of `chars`."""
+        self.i = _WS.match(self.s, self.i).end()  # type: ignore[union-attr]
+        return self.i < len(self.s) and self.s[self.i] in chars
 
-    def string(i: int, field: str, where: str) -> tuple[str, int]:
+    def expect(self, char: str, what: str) -> None:
+        if not self.at(char):
+            raise self.syntax(what)
+        self.i += 1
+
+    def string(self, field: str, where: str) -> str:
+        s, i = self.s, self.i
         end = s.find('"', i + 1)
         if end < 0:
-            raise syntax(i, "an unterminated string")
-        limit = max_chars.get(field)
-        if "\\" not in s[i + 1 : end] if end - i < 4096 else s.find("\\", i + 1, end) < 0:  # no escapes: a slice
-            if limit is not None and end - i - 1 > limit:
-                raise RequestError(422, f"{where}: {end - i - 1:,} characters; at most {limit:,} (the server's limit)",
-                                   "too_large" if field.startswith("image") else "invalid_request")
-            return s[i + 1 : end], end + 1
+            raise self.syntax("an unterminated string")
+        limit = self.max_chars.get(field)
+        if s.find("\\", i + 1, end) < 0:  # no escapes: the string is the slice, and its length is known uncopied
+            self.too_long(field, where, end - i - 1, limit)
+            self.i = end + 1
+            return s[i + 1 : end]
         try:
-            value, j = json.decoder.scanstring(s, i + 1)
+            value, self.i = json.decoder.scanstring(s, i + 1)
         except json.JSONDecodeError as e:
-            raise syntax(e.pos, e.msg.lower()) from None
-        if limit is not None and len(value) > limit:
-            raise RequestError(422, f"{where}: {len(value):,} characters; at most {limit:,} (the server's limit)",
+            self.i = e.pos
+            raise self.syntax(e.msg.lower()) from None
+        self.too_long(field, where, len(value), limit)
+        return value
+
+    @staticmethod
+    def too_long(field: str, where: str, n: int, limit: int | None) -> None:
+        if limit is not None and n > limit:
+            raise RequestError(422, f"{where}: {n:,} characters; at most {limit:,} (the server's limit)",
                                "too_large" if field.startswith("image") else "invalid_request")
-        return value, j
 
-    def scalar(i: int, where: str) -> tuple[Any, int]:
-        m = _SCALAR.match(s, i)
+    def strings(self, key: str) -> list[str]:
+        """A list of strings, refused at its entry max_items + 1."""
+        self.i += 1  # the [
+        items: list[str] = []
+        if self.at("]"):
+            self.i += 1
+            return items
+        while True:
+            if len(items) == self.max_items:
+                raise RequestError(422, f"{key}: more than {self.max_items} items; at most {self.max_items} per "
+                                        "request (--max-items)", "invalid_request")
+            if not self.at('"'):
+                raise RequestError(422, f"{key}[{len(items)}]: expected a string", "invalid_request")
+            items.append(self.string(key, f"{key}[{len(items)}]"))
+            if self.at("]"):
+                self.i += 1
+                return items
+            self.expect(",", "expected ',' or ']'")
+
+    def value(self, key: str) -> Any:
+        if self.at('"'):
+            return self.string(key, key)
+        if self.at("["):
+            return self.strings(key)
+        if self.at("{"):
+            raise RequestError(422, f"{key}: expected a string, a number or a list of strings", "invalid_request")
+        m = _SCALAR.match(self.s, self.i)
         if not m:
-            raise RequestError(422, f"{where}: expected a string, a number or a list of strings", "invalid_request") \
-                if i < len(s) and s[i] in "{[" else syntax(i, "an unexpected character")
-        return json.loads(m.group()), m.end()
+            raise self.syntax("an unexpected character")
+        self.i = m.end()
+        return json.loads(m.group())
 
-    i = skip(0)
-    if i >= len(s) or s[i] != "{":
-        raise RequestError(422, "the body must be a JSON object, e.g. {\"text\": \"...\"}", "invalid_request")
-    out: dict[str, Any] = {}
-    i = skip(i + 1)
-    if i < len(s) and s[i] == "}":
-        return out
-    while True:
-        if i >= len(s) or s[i] != '"':
-            raise syntax(i, "expected a field name")
-        key, i = string(i, "", "a field name")
-        if key not in FIELDS:
-            raise RequestError(422, f"{key[:40]}: unknown field; send one of text, texts, image, images (and optionally "
-                                    "top_k)", "invalid_request")
-        i = skip(i)
-        if i >= len(s) or s[i] != ":":
-            raise syntax(i, "expected ':'")
-        i = skip(i + 1)
-        if i < len(s) and s[i] == '"':
-            out[key], i = string(i, key, key)
-        elif i < len(s) and s[i] == "[":
-            items: list[Any] = []
-            i = skip(i + 1)
-            if i < len(s) and s[i] == "]":
-                i += 1
-            while i < len(s) and s[i - 1] != "]":
-                where = f"{key}[{len(items)}]"
-                if len(items) == max_items:
-                    raise RequestError(422, f"{key}: more than {max_items} items; at most {max_items} per request "
-                                            "(--max-items)", "invalid_request")
-                if s[i] != '"':
-                    raise RequestError(422, f"{where}: expected a string", "invalid_request")
-                value, i = string(i, key, where)
-                items.append(value)
-                i = skip(i)
-                if i < len(s) and s[i] in ",]":
-                    i = skip(i + 1) if s[i] == "," else i + 1
-                else:
-                    raise syntax(i, "expected ',' or ']'")
-            out[key] = items
+    def body(self) -> dict[str, Any]:
+        if not self.at("{"):
+            raise RequestError(422, "the body must be a JSON object, e.g. {\"text\": \"...\"}", "invalid_request")
+        self.i += 1
+        out: dict[str, Any] = {}
+        if self.at("}"):
+            self.i += 1
         else:
-            out[key], i = scalar(i, key)
-        i = skip(i)
-        if i < len(s) and s[i] == ",":
-            i = skip(i + 1)
-            continue
-        if i < len(s) and s[i] == "}":
-            break
-        raise syntax(i, "expected ',' or '}'")
-    if skip(i + 1) != len(s):
-        raise syntax(skip(i + 1), "extra data after the object")
-    return out
+            while True:
+                if not self.at('"'):
+                    raise self.syntax("expected a field name")
+                key = self.string("", "a field name")
+                if key not in FIELDS:
+                    raise RequestError(422, f"{key[:40]}: unknown field; send one of text, texts, image, images "
+                                            "(and optionally top_k)", "invalid_request")
+                self.expect(":", "expected ':'")
+                out[key] = self.value(key)
+                if self.at("}"):
+                    self.i += 1
+                    break
+                self.expect(",", "expected ',' or '}'")
+        if _WS.match(self.s, self.i).end() != len(self.s):  # type: ignore[union-attr]
+            raise self.syntax("extra data after the object")
+        return out
 
 
 def _b64(s: str, what: str, limit: int) -> bytes:
