@@ -12,10 +12,11 @@ addressed), warms it up for --warmup seconds, then runs `wrk -t1 -c CLIENTS -d S
 Lua script that sends the texts of --texts one per request ({"text": ...}), in turn. "batched" is the
 default micro-batching (--max-batch-size 32, --max-wait-ms 5), "unbatched" --max-batch-size 1.
 
-Reported per arm: valid (2xx) requests/s, wrk's p50/p90/p99 latency, non-2xx and socket errors, and the CPU
+Reported per arm, from the median of --runs wrk runs: valid (2xx) requests/s, wrk's p50/p90/p99 latency, non-2xx and socket errors, and the CPU
 seconds per second used by wrk and by the server (from the kernel's accounting: wait4 for wrk, /proc for the
-server). `predict_proba` is the backend's rate on the same texts in one process, batches of 64, the median of
---repeats passes. With --profile, py-spy samples the server during each measured run and the functions with
+server). `predict_proba` is the backend's rate on the same texts in one process, batches of 64 (sorted by
+length, as predict does), the median of --repeats passes; beside it the same process's rate one text at a time
+(the first 200), so the gain batching can give this model at these lengths is known. With --profile, py-spy samples the server during each measured run and the functions with
 the most samples (self time) are listed, to say what bounds the server.
 """
 from __future__ import annotations
@@ -119,10 +120,14 @@ import json, sys, time, duoclass
 texts = json.load(open(sys.argv[1]))
 clf = duoclass.load({str(model)!r}, backend={backend!r})
 clf.predict_proba(texts[:64])
-times = []
+times, ones = [], []
 for _ in range({repeats}):
     t0 = time.perf_counter(); clf.predict_proba(texts, batch_size=64); times.append(time.perf_counter() - t0)
-print(json.dumps(times))
+    t0 = time.perf_counter()
+    for t in texts[:200]:
+        clf.predict_proba([t])
+    ones.append(time.perf_counter() - t0)
+print(json.dumps([times, ones]))
 """
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(texts, f)
@@ -133,8 +138,9 @@ print(json.dumps(times))
         os.unlink(f.name)
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
-    times = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"texts_per_s": round(len(texts) / statistics.median(times), 1), "seconds": times}
+    times, ones = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"texts_per_s": round(len(texts) / statistics.median(times), 1), "seconds": times,
+            "one_at_a_time_texts_per_s": round(min(200, len(texts)) / statistics.median(ones), 1)}
 
 
 def main() -> int:
@@ -145,6 +151,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--warmup", type=float, default=3)
+    p.add_argument("--runs", type=int, default=3, help="measured wrk runs per arm; the median run is reported")
     p.add_argument("--repeats", type=int, default=3, help="predict_proba passes per backend")
     p.add_argument("--profile", action="store_true", help="py-spy the server during each measured run")
     p.add_argument("--out", default=str(REPO / "runs/bench/serve_wrk.json"))
@@ -172,13 +179,18 @@ def main() -> int:
             with ServerProcess({"m": Path(a.model)}, ["--backend", backend, *flags], work / f"{name}.log") as s:
                 url = s.url + "/v1/models/m/predict"
                 run_wrk(url, lua, a.clients, a.warmup, None, None)
-                c0 = cpu_seconds(s.proc.pid)
-                prof = work / f"{name}.prof" if a.profile else None
-                t0 = time.monotonic()
-                r = run_wrk(url, lua, a.clients, a.seconds, s.proc.pid if a.profile else None, prof)
-                r["server_cpu_per_s"] = round((cpu_seconds(s.proc.pid) - c0) / (time.monotonic() - t0), 3)
+                runs = []
+                for k in range(a.runs):
+                    c0 = cpu_seconds(s.proc.pid)
+                    prof = work / f"{name}-{k}.prof" if a.profile else None
+                    t0 = time.monotonic()
+                    one = run_wrk(url, lua, a.clients, a.seconds, s.proc.pid if a.profile else None, prof)
+                    one["server_cpu_per_s"] = round((cpu_seconds(s.proc.pid) - c0) / (time.monotonic() - t0), 3)
+                    one["valid_per_s"] = round((one["requests"] - one["non_2xx"]) / one["seconds"], 1)
+                    runs.append(one)
+                r = dict(sorted(runs, key=lambda x: x["valid_per_s"])[len(runs) // 2])  # the median run
+                r["runs_valid_per_s"] = [x["valid_per_s"] for x in runs]
                 r["server_rss_mb"] = s.rss_mb()
-            r["valid_per_s"] = round((r["requests"] - r["non_2xx"]) / r["seconds"], 1)
             if prof is not None and prof.is_file():
                 r["profile_top_self"] = top_functions(prof)
             out["arms"][name] = r

@@ -522,6 +522,42 @@ def test_text_batches_keep_the_token_budget(model_dirs: list[str], text_clf: duo
     assert metric(text, "duoclass_batch_size_sum", model=TEXT) == 7
 
 
+def test_text_batches_group_similar_lengths(model_dirs: list[str], text_clf: duoclass.Classifier) -> None:
+    """Queued: one long text, six short ones, five more long ones. Padding the short ones to the long ones' length
+    would cost more than a second model call, so the batcher takes the long group first (it holds the oldest
+    item), then the short group: never one call that mixes them."""
+    long_text = " ".join(f"word{i} movie{i} plot{i}" for i in range(60))
+    sends = [long_text] + ["good"] * 6 + [long_text] * 5
+    lengths = [len(x) for x in text_clf.preprocessor.encode([long_text, "good"])]
+    assert lengths[0] > 20 * lengths[1]
+    with Server(model_dirs[1:], max_batch_size=32, max_wait_ms=50) as s:
+        worker = s.worker(TEXT)
+        calls: list[list[int]] = []  # the items' encoded lengths, per model call
+
+        async def go() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                with Gate(worker) as gate:
+                    held = gate.run
+                    gate.run = lambda inputs: (calls.append(_lengths(inputs)), held(inputs))[1]
+                    blocker = asyncio.create_task(c.post(predict_url(TEXT), json={"text": "held"}))
+                    await asyncio.to_thread(gate.entered.wait, 30)
+                    tasks = []
+                    for t in sends:  # one at a time, so the queue keeps this order
+                        tasks.append(asyncio.create_task(c.post(predict_url(TEXT), json={"text": t})))
+                        await gate.until_queued(len(tasks))
+                    gate.opened.set()
+                    return list(await asyncio.gather(blocker, *tasks))
+
+        assert all(r.status_code == 200 for r in asyncio.run(go()))
+    assert [len(c) for c in calls] == [1, 6, 6], calls
+    assert min(calls[1]) > max(calls[2]), calls  # the long ones first, then the short ones
+
+
+def _lengths(inputs: dict) -> list[int]:
+    """Each item's length in a text model's batch: its count of non-padding entries."""
+    return [int(row.sum()) for row in np.asarray(inputs["attention_mask"])]
+
+
 def test_metrics_parse_and_count(client: httpx.Client, pngs: list[bytes]) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
