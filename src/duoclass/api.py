@@ -46,6 +46,13 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, **s
     if not config.data:
         raise DuoclassError("no data given; pass a dataset folder, zip or CSV")
     _log_to_stderr()
+    if config.folds or config.seeds:  # repeated runs: the kept model, with the summary in .summary_
+        from duoclass.training.repeats import run_repeats
+
+        summary = run_repeats(resolve(config))
+        clf = load(summary["kept"]["model_dir"])
+        clf.summary_ = summary
+        return clf
     result = run(resolve(config))
     if result is None:  # a non-zero rank under torchrun
         return None  # type: ignore[return-value]

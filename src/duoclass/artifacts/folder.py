@@ -23,7 +23,12 @@ config.json, format_version 2 (a key not listed here is refused):
     evaluation      optional: {"tta": bool, "top_k": int > 0}, how the saved metrics were computed
     inputs          optional: tensor name -> {"dtype": "float32" | "int64", "shape": [int > 0, or "batch" /
                     "sequence" for a dynamic axis], "range": [low, high] (optional)}
-    variants        optional: name -> {"path": a file or folder inside the model folder, "format": str, ...}
+    variants        optional: name -> {"path": a file or folder inside the model folder, "format": str, ...}; a
+                    variant whose logits differ from the weights' (int8, pruned) carries its own "calibration"
+    calibration     optional: {"method": "temperature" | "none", "temperature": float > 0, "fitted_on": str, "n": int,
+                    ...the fit's figures}: the predict path divides the logits by the temperature (calibrate/)
+    conformal       optional: {"alpha": (0, 1), "score": "aps" | "raps", "qhat": float, "lambda": float,
+                    "k_reg": int, "n": int, ...}: predictions carry a conformal set (calibrate/conformal.py)
     training        optional: a record of the run (data, seed, epochs, the training step, ...); only
                     `recorded_training` reads it (the data path, as an absolute path, and the seed)
     versions        {"duoclass": ..., "torch": ..., ...} that wrote the folder
@@ -73,7 +78,7 @@ TOKENIZERS = ("hf", "ngram-hash", "ngram-vocab")
 DTYPES = ("float32", "int64")
 DYNAMIC_AXES = ("batch", "sequence")
 _KEYS = ("format", "format_version", "task", "model", "classes", "preprocessing", "evaluation", "inputs",
-         "variants", "training", "versions", "files", "config_sha256")  # config.json's keys, in written order
+         "variants", "calibration", "conformal", "training", "versions", "files", "config_sha256")  # config.json's keys, in written order
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -183,9 +188,39 @@ def config_problem(cfg: Any, version: int = FORMAT_VERSION) -> str | None:
             return f"{where}: path {spec.get('path')!r} is not a relative path inside the model folder"
         if not _listed(spec["path"], files):
             return f"{where}: path {spec['path']!r} is not among the folder's hashed files"
+    problem = _calibration_records_problem(cfg)
+    if problem:
+        return problem
     for key, value in cfg.get("versions", {}).items():
         if not isinstance(value, str):
             return f"'versions.{key}' should be a string, not {value!r}"
+    return None
+
+
+def _calibration_records_problem(cfg: dict[str, Any]) -> str | None:
+    """What is wrong with the calibration of the folder and its variants, and with its conformal record."""
+    problem = calibration_problem(cfg.get("calibration"), "'calibration'")
+    for name, spec in cfg.get("variants", {}).items():
+        problem = problem or calibration_problem(spec.get("calibration"), f"'variants.{name}.calibration'")
+    if problem:
+        return problem
+    cp = cfg.get("conformal")
+    if cp is not None:
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not _obj(cp) or not all(k in cp for k in ("alpha", "score", "qhat", "lambda", "k_reg")):
+            return "'conformal' should be an object with alpha, score, qhat, lambda and k_reg"
+        if not (num(cp["alpha"]) and 0 < cp["alpha"] < 1) or cp["score"] not in ("aps", "raps") or not num(cp["qhat"]) \
+                or not num(cp["lambda"]) or not isinstance(cp["k_reg"], int):
+            return f"'conformal' has an unusable value ({cp!r}); refit it with `duoclass calibrate`"
+    return None
+
+
+def calibration_problem(cal: Any, where: str) -> str | None:
+    if cal is None:
+        return None
+    t = cal.get("temperature") if _obj(cal) else None
+    if not _obj(cal) or isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        return f"{where} should be an object whose \"temperature\" is a positive number"
     return None
 
 
@@ -399,10 +434,11 @@ def save_model_folder(
 
 def update_model_folder(folder: str | Path, metrics: dict[str, Any] | None = None,
                         files: dict[str, bytes] | None = None, variants: dict[str, dict[str, Any]] | None = None,
-                        output: str | Path | None = None) -> Path:
+                        output: str | Path | None = None, settings: dict[str, Any] | None = None) -> Path:
     """Replace a verified model folder by a copy with new metrics.json, added or replaced files and
     added variants (name -> {"path", "format", ...}), re-hashed; the same one-step replace as saving.
     With `output`, the copy is written there (replacing any model folder at `output`) and `folder` is left alone.
+    `settings`: top-level keys to set ("calibration", "conformal"; a value of None removes the key).
 
     A format 1 folder comes out as format 2. The weights and every other file are copied as they are.
     """
@@ -427,6 +463,13 @@ def update_model_folder(folder: str | Path, metrics: dict[str, Any] | None = Non
     base["model"] = {"name": cfg["model"]["name"], "args": cfg["model"].get("args", {})}
     if variants:
         base["variants"] = {**cfg.get("variants", {}), **variants}
+    for key, value in (settings or {}).items():
+        if key not in ("calibration", "conformal"):
+            raise DuoclassError(f"{folder}: cannot set {key!r} in config.json (settable: calibration, conformal)")
+        if value is None:
+            base.pop(key, None)
+        else:
+            base[key] = value
     target = Path(output) if output is not None else folder
     _write_folder(target, base, blobs)
     return target

@@ -80,7 +80,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     cfg = config_from_args(ns)
     clf = api.train(config=cfg)
-    if clf is not None:
+    if clf is not None and getattr(clf, "summary_", None) is not None:
+        from duoclass.training.repeats import summary_table
+
+        print(summary_table(clf.summary_))
+        print(json.dumps({"summary": str(Path(cfg.output) / "summary.json"), "kept": clf.summary_["kept"]["run"],
+                          "model_dir": clf.summary_["kept"]["model_dir"]}))
+    elif clf is not None:
         res = clf.result_
         final = res.test or res.valid
         print(json.dumps({"model_dir": str(res.model_dir), "split": "test" if res.test else "valid",
@@ -127,7 +133,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
                             "(leave it out for the k the training run used)")
     clf = load_for_cli(ns)
     robust = None
-    attack_only = {"--eps": ns.eps, "--steps": ns.steps, "--max-examples": ns.max_examples, "--plot": ns.plot, "--seed": ns.seed}
+    attack_only = {"--eps": ns.eps, "--steps": ns.steps, "--max-examples": ns.max_examples, "--plot": ns.plot}
     if ns.attack:  # attacks first: an attack on a text model fails before the clean pass
         from duoclass.robust.evaluate import evaluate_attacks, plot_robustness
 
@@ -144,7 +150,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     m = clf.evaluate(
         ns.data, split=ns.split, batch_size=ns.batch_size, topk_accuracy_k=ns.top_k,
         text_column=ns.text_column, label_column=ns.label_column, path_column=ns.path_column,
-        char_noise=parse_rates(ns.char_noise) if ns.char_noise else (),
+        char_noise=parse_rates(ns.char_noise) if ns.char_noise else (), resamples=ns.bootstrap,
+        seed=ns.seed or 0,
     )
     if robust is not None:  # one attack: its result; several: the list of them
         m["robust"] = robust[0] if len(robust) == 1 else robust
@@ -155,6 +162,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
               f"recall_macro {m['recall_macro']:.4f}  f1_macro {m['f1_macro']:.4f}  f1_weighted {m['f1_weighted']:.4f}")
         for c, s in m["per_class"].items():
             print(f"  {c:>20}  precision {s['precision']:.4f}  recall {s['recall']:.4f}  f1 {s['f1']:.4f}  n={s['support']}")
+        print("\n".join(uncertainty_lines(m)))
         for row in m.get("char_noise", []):
             print(f"  char noise {row['rate']:g}: accuracy {row['accuracy']:.4f}  f1_macro {row['f1_macro']:.4f}")
         if m.get("skipped_files"):
@@ -165,6 +173,61 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
             print("\n".join(summary_lines(robust)))
         if ns.plot:
             print(f"robustness curve: {ns.plot}")
+    return 0
+
+
+def uncertainty_lines(m: dict[str, Any]) -> list[str]:
+    """How good and how sure, in a few lines: AUC, intervals, calibration, conformal coverage, risk-coverage."""
+    iv = m.get("intervals", {})
+
+    def fig(key: str) -> str:
+        v = m.get(key)
+        if v is None:
+            return f"{key} n/a"
+        r = iv.get(key)
+        return f"{key} {v:.4f}" + (f" [{r['low']:.4f}, {r['high']:.4f}]" if r else "")
+
+    out = ["  ".join(fig(k) for k in ("accuracy", "balanced_accuracy", "roc_auc", "average_precision")
+                     if k in m)]
+    if "sensitivity" in m:
+        out.append(f"positive class {m['positive_class']!r}: " + "  ".join(fig(k) for k in ("sensitivity", "specificity")))
+    if iv.get("method"):
+        mt = iv["method"]
+        out.append(f"[intervals: {mt['level']:.0%} {mt['kind']}, {mt['resamples']} resamples, seed {mt['seed']}]")
+    cal = m.get("calibration")
+    if cal and cal.get("ece") is not None:
+        out.append(f"calibration (temperature {m.get('temperature', 1.0):.3f}): ECE {cal['ece']:.4f}  MCE {cal['mce']:.4f}  "
+                   f"Brier {cal['brier']:.4f}  NLL {cal['nll']:.4f}")
+    if "conformal" in m:
+        c = m["conformal"]
+        out.append(f"conformal sets (alpha {c['alpha']}): coverage {c['coverage']:.4f} (promised {c['target_coverage']:.2f}), "
+                   f"mean size {c['mean_size']:.2f}, empty {c['empty']:.3f}")
+    rc = m.get("risk_coverage")
+    if rc:
+        out.append("abstain below: " + "  ".join(
+            f"{r['abstain_below']:g} -> answers {r['coverage']:.1%}" + (f" err {r['risk']:.2%}" if r["risk"] is not None else "")
+            for r in rc["curve"]))
+    return out
+
+
+def cmd_calibrate(ns: argparse.Namespace) -> int:
+    from duoclass.compress.recalibrate import calibrate_model_folder
+
+    r = calibrate_model_folder(ns.model_dir, ns.data, ns.split, backend=ns.backend, conformal=ns.conformal,
+                               score=ns.conformal_score, seed=ns.seed, output=ns.output, batch_size=ns.batch_size,
+                               device=ns.device)
+    if ns.json:
+        print(json.dumps(r))
+        return 0
+    c = r["calibration"]
+    print(f"{r['backend']}: temperature {c['previous_temperature']:.4f} -> {c['temperature']:.4f} on {r['examples']} "
+          f"examples of {r['data']} ({r['split']}); NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f} (uncalibrated -> "
+          f"calibrated), ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} (with the previous temperature "
+          f"{c['ece_with_previous_temperature']:.4f})")
+    if r["conformal"]:
+        cp = r["conformal"]
+        print(f"conformal sets: alpha {cp['alpha']}, {cp['score']}, threshold {cp['qhat']:.4f} from {cp['n']} examples")
+    print(f"wrote {r['model_dir']}")
     return 0
 
 
@@ -209,7 +272,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         n, failed = predict_to_csv_ray(ns.model_dir, ns.input, ns.output, workers=2 if ns.ray_workers is None else ns.ray_workers, top_k=ns.top_k,
                                        batch_size=ns.batch_size, text_column=ns.text_column, labels_only=ns.labels_only,
                                        backend=ns.backend, device="cpu" if ns.device == "auto" else ns.device,
-                                       address=ns.ray_address, path_column=ns.path_column)
+                                       address=ns.ray_address, path_column=ns.path_column,
+                                       abstain_below=ns.abstain_below)
     else:
         from duoclass.infer.csv import predict_to_csv
 
@@ -217,7 +281,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
             raise DuoclassError(f"{workers_flag} and --ray-address are for --engine ray; add --engine ray or leave them out")
         clf = load_for_cli(ns)
         n, failed = predict_to_csv(clf, ns.input, ns.output, top_k=ns.top_k, batch_size=ns.batch_size,
-                                   text_column=ns.text_column, labels_only=ns.labels_only, path_column=ns.path_column)
+                                   text_column=ns.text_column, labels_only=ns.labels_only, path_column=ns.path_column,
+                                   abstain_below=ns.abstain_below)
     if ns.output:
         from duoclass.artifacts.atomic import is_stdout
 
@@ -407,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help="with --attack pgd: iterations, step 2.5*eps/steps (default: 10)")
     e.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="with --attack: attack N examples spread over the split (AutoAttack is slow on CPUs)")
-    e.add_argument("--seed", type=int, default=None, help="with --attack: seed of the random starts (default: 0)")
+    e.add_argument("--seed", type=int, default=None,
+                   help="seed of the bootstrap resamples and, with --attack, of the random starts (default: 0)")
+    e.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples of the stratified bootstrap behind the 95%% intervals (0: none)")
     e.add_argument("--plot", default=None, metavar="FILE.png", help="with --attack: write accuracy against eps as a PNG")
     e.add_argument("--char-noise", default=None, metavar="RATE[,RATE]",
                    help="text models: also accuracy with every test text perturbed at these character rates "
@@ -461,7 +529,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ray-address", default=None, metavar="ADDR",
                     help="--engine ray: a running Ray cluster (e.g. ray://head:10001 or auto; default: RAY_ADDRESS, "
                          "else a new local instance)")
+    pr.add_argument("--abstain-below", type=float, default=None, metavar="P",
+                    help="inputs whose calibrated top probability is under P get the label 'abstained' (and "
+                         "abstained=true) instead of a class")
     pr.set_defaults(func=cmd_predict)
+
+    ca = sub.add_parser("calibrate", help="refit a model folder's temperature (and conformal sets) on labelled held-out data",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ca.add_argument("model_dir", help="a model folder (RUN_DIR/model)")
+    ca.add_argument("data", nargs="?", default=None,
+                    help="labelled data (default: the training data config.json records)")
+    ca.add_argument("--split", default="valid", help="the held-out split to fit on (never the test split you report)")
+    ca.add_argument("--backend", default="torch", metavar="NAME",
+                    help="torch: the weights' temperature; onnx or onnx-int8: that variant's own")
+    ca.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
+                    help="also fit conformal prediction sets with coverage 1 - ALPHA (the split is halved)")
+    ca.add_argument("--conformal-score", default="aps", choices=["aps", "raps"])
+    ca.add_argument("--seed", type=int, default=None, help="seed of the halving (default: the training run's)")
+    ca.add_argument("--output", default=None, metavar="DIR", help="write a copy of the folder there instead")
+    ca.add_argument("--batch-size", type=int, default=64)
+    ca.add_argument("--device", default="auto")
+    ca.add_argument("--json", action="store_true", help="print the report as JSON")
+    ca.set_defaults(func=cmd_calibrate)
 
     ex = sub.add_parser("export", help="write the model as ONNX (checked against torch) or as a transformers folder",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

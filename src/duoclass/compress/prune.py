@@ -406,6 +406,16 @@ def prune_model_folder(model_dir: str | Path, amount: float = 0.3, output: str |
             evaluation=cfg.get("evaluation"), inputs=cfg.get("inputs"), training={**cfg.get("training", {}), "pruning": record})  # the record, copied
         save_model_folder(out, pruned.state_dict(), folder_cfg)
         model_folder = out
+    calibration = None
+    if not finetune_epochs and cfg.get("calibration", {}).get("method", "none") != "none":
+        # pruning changes the logits: the pruned folder gets a temperature of its own (fine-tuning fits one as
+        # any training run does)
+        from duoclass.compress.recalibrate import calibrate_model_folder
+
+        try:
+            calibration = calibrate_model_folder(model_folder, data_path, "valid", device=device)["calibration"]
+        except DuoclassError as e:
+            log.warning("%s: not calibrated (its predictions use raw softmax): %s", model_folder, e)
     clf = Classifier.from_folder(model_folder, device=device)  # the pruned model as users load it
     after = measure(clf.model, image_size, Path(model_folder) / WEIGHTS)
     before["test_accuracy"] = after["test_accuracy"] = None
@@ -422,6 +432,7 @@ def prune_model_folder(model_dir: str | Path, amount: float = 0.3, output: str |
             "amount": amount, "method": METHOD, "finetune_epochs": finetune_epochs, "image_size": image_size,
             "data": str(data_path) if data_path is not None else None, "accuracy_note": note,
             "bn_calibration_images": calibrated, "settings_from": settings_from, "before": before, "after": after,
+            "calibration": calibration,
             "ratios": ratios, "plan": plan}
 
 

@@ -237,4 +237,7 @@ def quantize_model_folder(model_dir: str | Path, method: str | None = None, outp
               "bytes": len(int8_bytes)}
     files = {INT8_PATH: int8_bytes, REPORT_PATH: (json.dumps(report, indent=2) + "\n").encode()}
     target = update_model_folder(folder, files=files, variants={VARIANT: record}, output=output)
+    from duoclass.compress.recalibrate import refit_variant
+
+    report["calibration"] = refit_variant(Path(target), VARIANT, src_data)  # int8 changes the logits: its own temperature
     return {**report, "folder": str(target)}

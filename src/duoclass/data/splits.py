@@ -44,6 +44,35 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[lis
     return sorted(keep), sorted(held)
 
 
+def fold_split(labels: list[str], folds: int, fold: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, valid) of fold `fold` of a stratified K-fold split: every class is shuffled (seeded) and dealt
+    round-robin into `folds` parts, so each part holds about 1/K of every class; part `fold` is the valid split."""
+    by_class: dict[str, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    rng = random.Random(seed)
+    train, valid = [], []
+    offset = 0
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            (valid if (j + offset) % folds == fold else train).append(i)
+        offset += len(idx)  # the next class starts where this one stopped, so the parts' sizes differ by at most one
+    return sorted(train), sorted(valid)
+
+
+def apply_fold(cfg: Any, train: list[Any], valid: list[Any], label_of: Callable[[Any], str], what: str,
+               notes: list[str]) -> tuple[list[Any], list[Any]]:
+    """(train, valid) of the run's fold (`cfg.fold` of `cfg.folds`, seeded by `cfg.seed`): train and valid pooled,
+    split by fold_split; the note for the run's log is appended to `notes`."""
+    pooled = list(train) + list(valid)
+    t_idx, v_idx = fold_split([label_of(x) for x in pooled], cfg.folds, cfg.fold, cfg.seed)
+    notes.append(f"fold {cfg.fold + 1} of {cfg.folds}: {len(v_idx)} of the {len(pooled)} train and valid {what} "
+                 f"validate (stratified, seed {cfg.seed})")
+    return [pooled[i] for i in t_idx], [pooled[i] for i in v_idx]
+
+
 def label_ids(labels: list[str], classes: list[str], where: str) -> list[int]:
     index = {c: i for i, c in enumerate(classes)}
     out = []

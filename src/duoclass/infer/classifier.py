@@ -58,6 +58,15 @@ class SplitInputs(NamedTuple):
     skipped: int
     split: str
 
+def temperature_of(cfg: Mapping[str, Any], variant: Mapping[str, Any] | None = None) -> float:
+    """The temperature the predict path divides the logits by: the variant's own refit one (quantize and prune
+    refit theirs), else the folder's, else 1 (a folder from before calibration, or trained with --calibration none)."""
+    for record in ((variant or {}).get("calibration"), cfg.get("calibration")):
+        if isinstance(record, Mapping) and "temperature" in record:
+            return float(record["temperature"])
+    return 1.0
+
+
 class Classifier:
     """A trained model plus its preprocessing and class names. Build one with `duoclass.load` or `duoclass.train`."""
 
@@ -69,6 +78,7 @@ class Classifier:
         self.config_ = config
         self.folder = folder
         self.result_: Any = None  # engine.RunResult when the classifier came from duoclass.train
+        self.summary_: Any = None  # the summary of repeated runs (--folds, --seeds) when the classifier is their kept model
 
     @classmethod
     def from_folder(cls, path: str | Path, device: str = "auto", backend: str = "torch",
@@ -89,6 +99,7 @@ class Classifier:
 
         folder = Path(path)
         check_backend_name(backend)
+        variant = None
         if backend == "torch":
             from duoclass.infer.torch_backend import torch_backend_from_folder
             from duoclass.artifacts.folder import read_model_folder
@@ -99,7 +110,9 @@ class Classifier:
             from duoclass.infer.onnx_backend import OnnxBackend
 
             cfg = read_model_config(folder)
-            runner = OnnxBackend(folder / backend_variant(folder, cfg, backend)["path"], threads=threads, name=backend)
+            variant = backend_variant(folder, cfg, backend)
+            runner = OnnxBackend(folder / variant["path"], threads=threads, name=backend)
+        runner.temperature = temperature_of(cfg, variant)
         pre = preprocessor_from_config(cfg["task"], cfg["preprocessing"], folder)
         if max_pixels is not None and cfg["task"] == "image":
             pre.max_pixels = min(max_pixels, pre.max_pixels)
@@ -138,12 +151,32 @@ class Classifier:
             raise NotFittedError("this classifier has no weights; use duoclass.load(MODEL_DIR) or duoclass.train(...)")
 
     # --- prediction -------------------------------------------------------------------------
-    def predict_results(self, inputs: Any, top_k: int | None = 1, batch_size: int = 64) -> list[Prediction]:
-        """One Prediction (label, score, top_k, probs, error, warning) per input, in input order;
-        each lists its `top_k` best labels (None: every label, best first)."""
+    @property
+    def temperature(self) -> float:
+        """The calibrated temperature the predictions use (1: uncalibrated)."""
+        return float(getattr(self.backend, "temperature", 1.0))
+
+    @property
+    def conformal(self) -> dict[str, Any] | None:
+        """The folder's conformal calibration (alpha, score, threshold), or None: predictions then carry no set."""
+        return self.config_.get("conformal")
+
+    def rule(self, abstain_below: float | None = None) -> Any:
+        """The decision rule of this model's predictions: its conformal sets, and abstention under `abstain_below`."""
+        from duoclass.calibrate.decide import Rule
+
+        return Rule(self.classes_.tolist(), self.conformal, abstain_below).check()
+
+    def predict_results(self, inputs: Any, top_k: int | None = 1, batch_size: int = 64,
+                        abstain_below: float | None = None) -> list[Prediction]:
+        """One Prediction (label, score, top_k, probs, set, abstained, error, warning) per input, in input order;
+        each lists its `top_k` best labels (None: every label, best first). With `abstain_below`, an input whose
+        calibrated top probability is under it gets the label "abstained" (abstained=True) instead of a class."""
         self._check()
+        rule = self.rule(abstain_below)
         items, _ = _as_list(inputs)
-        results = predict_items(self.preprocessor, self.backend, self.classes_, items, batch_size, top_k, self.tta)
+        results = predict_items(self.preprocessor, self.backend, self.classes_, items, batch_size, top_k, self.tta,
+                                rule=rule)
         for r in results:
             if r.error:
                 log.warning("%s", r.error)
@@ -151,15 +184,26 @@ class Classifier:
                 log.warning("%s: %s", r.input, r.warning)
         return results
 
-    def __call__(self, inputs: Any, top_k: int | None = 1, batch_size: int = 64) -> Any:
+    def __call__(self, inputs: Any, top_k: int | None = 1, batch_size: int = 64,
+                 abstain_below: float | None = None) -> Any:
         """Pipeline style, like transformers' text-classification pipeline. With top_k=1 (the default) each input
         gives one {"label", "score"}; with top_k=k > 1 a list of its k best (best first), and with top_k=None
         every label, sorted by score. An input that cannot be used gives {"error": ...} in place of its dict
-        ([{"error": ...}] in place of its list). A single input gives its own result, a list of inputs a list."""
+        ([{"error": ...}] in place of its list). A single input gives its own result, a list of inputs a list.
+        With a conformal calibration each dict also has "set"; with `abstain_below`, "abstained"."""
         items, single = _as_list(inputs)
-        results = self.predict_results(items, top_k, batch_size)
+        results = self.predict_results(items, top_k, batch_size, abstain_below)
+
+        def one(r: Prediction) -> dict[str, Any]:
+            d: dict[str, Any] = {"label": r.label, "score": r.score}
+            if r.set is not None:
+                d["set"] = r.set
+            if abstain_below is not None:
+                d["abstained"] = r.abstained
+            return d
+
         if top_k == 1:
-            out: list[Any] = [{"label": r.label, "score": r.score} if r.ok else {"error": r.error} for r in results]
+            out: list[Any] = [one(r) if r.ok else {"error": r.error} for r in results]
         else:
             out = [[{"label": c, "score": p} for c, p in r.top_k] if r.ok else [{"error": r.error}] for r in results]
         return out[0] if single else out
@@ -168,9 +212,10 @@ class Classifier:
         """Class probabilities, shape (N, n_classes), columns in `classes_` order; a row of NaN for an unusable input."""
         return probabilities(self.predict_results(inputs, 1, batch_size), len(self.classes_))
 
-    def predict(self, inputs: Any, batch_size: int = 64) -> list[str | None]:
-        """Predicted class names, one per input (None for an unusable input, whose error is logged)."""
-        return [r.label for r in self.predict_results(inputs, 1, batch_size)]
+    def predict(self, inputs: Any, batch_size: int = 64, abstain_below: float | None = None) -> list[str | None]:
+        """Predicted class names, one per input (None for an unusable input, whose error is logged; "abstained"
+        for one whose calibrated top probability is under `abstain_below`)."""
+        return [r.label for r in self.predict_results(inputs, 1, batch_size, abstain_below)]
 
     def predict_batch(self, batch: Mapping[str, Any]) -> np.ndarray:
         """Probabilities (B, n_classes) of one batch of model inputs (what the preprocessor's `collate` makes,
@@ -215,7 +260,7 @@ class Classifier:
     def evaluate(self, data: str | Path, split: str = "test", batch_size: int = 64, topk_accuracy_k: int | None = None,
                  text_column: str | None = None, label_column: str | None = None,
                  path_column: str | None = None, char_noise: Sequence[float] = (), seed: int = 0, *,
-                 top_k: int | None = None) -> dict[str, Any]:
+                 top_k: int | None = None, resamples: int = 1000) -> dict[str, Any]:
         """Metrics on a labelled split of a dataset (the layouts `train` reads), evaluated as in training
         (the folder's evaluation settings, config.json "evaluation": test-time augmentation and the k of the
         top-k accuracy), so they reproduce the run's test figures. Unreadable inputs are skipped and counted.
@@ -226,7 +271,12 @@ class Classifier:
 
         char_noise (text models): also accuracy and macro F1 with each test text perturbed at these character
         rates (random deletions, swaps and insertions; text_augment.perturb_chars, seeded by `seed`),
-        in m["char_noise"]."""
+        in m["char_noise"].
+
+        Beside the classification metrics: ROC AUC and average precision (and for two classes sensitivity and
+        specificity), calibration (ECE, MCE, Brier, NLL, the reliability diagram's bins), the risk-coverage curve,
+        95% stratified bootstrap intervals of the headline metrics (`resamples` resamples seeded by `seed`; 0: none)
+        and, when the folder has a conformal calibration, the sets' coverage and mean size."""
         self._check()
         if top_k is not None:
             warnings.warn("Classifier.evaluate(top_k=...) is deprecated: it is the k of the top-k accuracy; "
@@ -245,9 +295,12 @@ class Classifier:
         classes = self.classes_.tolist()
         pre = self.preprocessor
         inputs, names, labels, empty, split = self.split_inputs(data, split, text_column, label_column, path_column)
-        results = predict_items(pre, self.backend, classes, inputs, batch_size, 1, self.tta, names=names)
-        m = evaluate_results(results, labels, classes, k, f"{data} ('{split}' split)")
+        results = predict_items(pre, self.backend, classes, inputs, batch_size, 1, self.tta, names=names,
+                                rule=self.rule())
+        m = evaluate_results(results, labels, classes, k, f"{data} ('{split}' split)", resamples=resamples, seed=seed,
+                             alpha=(self.conformal or {}).get("alpha"))
         m["split"] = split
+        m["temperature"] = self.temperature
         m["skipped_files"] += empty  # text rows with empty text are skipped when reading, as in training
         m["tta"] = self.tta
         m["topk_accuracy_k"] = k

@@ -1,7 +1,8 @@
 """The prediction CSV of `duoclass predict`: which inputs a file, folder, zip or CSV holds, and the one writer.
 
-Images: path,label,probability[,top_k],error,warning; text: id,label,probability[,top_k],error,warning.
-Every input keeps its row; `-` (or a path that is standard output) prints the CSV.
+Images: path,label,probability[,top_k][,set][,abstained],error,warning; text: id,label,... the same. `set` (the
+conformal prediction set, classes joined by ";") when the model has a conformal calibration, `abstained` (true or
+false) with --abstain-below. Every input keeps its row; `-` (or a path that is standard output) prints the CSV.
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def csv_inputs(task: str, input_path: str | Path, column: str) -> tuple[list[str
 
 def predict_to_csv(clf: Any, input_path: str | Path, output: str | Path | None, top_k: int | None = 1, batch_size: int = 64,
                    text_column: str | None = None, labels_only: bool = False,
-                   path_column: str | None = None) -> tuple[int, int]:
+                   path_column: str | None = None, abstain_below: float | None = None) -> tuple[int, int]:
     """Predict every input, in input order, into a CSV. Returns (rows, failed).
 
     Images: path,label,probability[,top_k],error,warning;  text: id,label,probability[,top_k],error,warning,
@@ -112,23 +113,31 @@ def predict_to_csv(clf: Any, input_path: str | Path, output: str | Path | None, 
     with the reason in `error`; `warning` marks a guess (an empty text, a text with no known token).
     `top_k`: labels in the top_k column (None: every label; 1: no top_k column).
     `labels_only` writes just the first two columns (e.g. id,label for a competition submission).
+    `abstain_below`: inputs whose calibrated top probability is under it get the label "abstained" and
+    abstained=true (never a class).
     Raises DuoclassError (after writing the CSV) when not a single input could be used.
     `duoclass predict --engine ray` (ray_predict.py) writes the same file from Ray workers.
     """
     k = resolve_top_k(top_k, len(clf.classes_))
+    rule = clf.rule(abstain_below)
     pre = clf.preprocessor  # the columns default to the training run's (a CSV manifest's path column too)
     column = (text_column or pre.text_column) if clf.task == "text" else (path_column or getattr(pre, "path_column", "path"))
     keys, inputs, key = csv_inputs(clf.task, input_path, column)
-    results = predict_items(clf.preprocessor, clf.backend, clf.classes_, inputs, batch_size, k, clf.tta, names=keys)
-    return write_predictions_csv(results, key, k, labels_only, output, input_path)
+    results = predict_items(clf.preprocessor, clf.backend, clf.classes_, inputs, batch_size, k, clf.tta, names=keys,
+                            rule=rule)
+    return write_predictions_csv(results, key, k, labels_only, output, input_path, sets=rule.conformal is not None,
+                                 abstain=abstain_below is not None)
 
 
 def write_predictions_csv(results: Sequence[Prediction], key: str, k: int, labels_only: bool,
-                          output: str | Path | None, input_path: str | Path) -> tuple[int, int]:
+                          output: str | Path | None, input_path: str | Path, sets: bool = False,
+                          abstain: bool = False) -> tuple[int, int]:
     """The CSV of `duoclass predict` (see predict_to_csv), written atomically to `output` or to stdout."""
     from duoclass.artifacts.atomic import atomic_write_text, is_stdout
 
-    header = [key, "label"] if labels_only else [key, "label", "probability"] + (["top_k"] if k > 1 else []) + ["error", "warning"]
+    header = [key, "label"] if labels_only else ([key, "label", "probability"] + (["top_k"] if k > 1 else []) +
+                                                 (["set"] if sets else []) + (["abstained"] if abstain else []) +
+                                                 ["error", "warning"])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -138,6 +147,10 @@ def write_predictions_csv(results: Sequence[Prediction], key: str, k: int, label
             row.append(f"{r.score:.6f}" if r.score is not None else "")
             if k > 1:
                 row.append(";".join(f"{c}:{p:.6f}" for c, p in r.top_k))
+            if sets:
+                row.append(";".join(r.set) if r.set is not None else "")
+            if abstain:
+                row.append(("true" if r.abstained else "false") if r.ok else "")
             row += [r.error or "", r.warning or ""]
         w.writerow(row)
     if output and not is_stdout(output):
@@ -146,6 +159,9 @@ def write_predictions_csv(results: Sequence[Prediction], key: str, k: int, label
         sys.stdout.write(buf.getvalue())
         sys.stdout.flush()
     failed = sum(not r.ok for r in results)
+    abstained = sum(r.abstained for r in results)
+    if abstained:
+        log.info("%d of %d inputs abstained (calibrated top probability under the threshold)", abstained, len(results))
     warned = sum(r.warning is not None for r in results)
     if warned:
         log.warning("%d of %d inputs gave a guess rather than a prediction (see the warning column), e.g. %s: %s",

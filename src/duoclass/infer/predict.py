@@ -36,15 +36,22 @@ class Prediction:
     probs: np.ndarray | None = None  # (n_classes,), columns in the classifier's classes_ order
     error: str | None = None
     warning: str | None = None  # the prediction exists but is a guess (e.g. an empty text)
+    set: list[str] | None = None  # the conformal prediction set, when the model folder has one (calibrate.conformal)
+    abstained: bool = False  # the calibrated top probability was under --abstain-below: label is "abstained"
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: label, score, top_k as [{"label", "score"}], error, warning."""
-        return {"input": self.input, "label": self.label, "score": self.score,
-                "top_k": [{"label": c, "score": p} for c, p in self.top_k], "error": self.error, "warning": self.warning}
+        """JSON-safe: label, score, top_k as [{"label", "score"}], error, warning; `set` when the model has a
+        conformal calibration, and `abstained` (true: the label is "abstained", no class)."""
+        out = {"input": self.input, "label": self.label, "score": self.score,
+               "top_k": [{"label": c, "score": p} for c, p in self.top_k], "error": self.error, "warning": self.warning}
+        if self.set is not None:
+            out["set"] = self.set
+        out["abstained"] = self.abstained
+        return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -58,15 +65,32 @@ def _flip(x: Any) -> Any:
     return np.ascontiguousarray(x[..., ::-1]) if isinstance(x, np.ndarray) else x.flip(-1)
 
 
-def predict_probs(backend: Any, batches: Iterable[Mapping[str, Any]], tta: bool = False) -> np.ndarray:
-    """Softmax probabilities (N, C) of batches of model inputs; with `tta`, images are averaged with their mirror."""
+def predict_views(backend: Any, batches: Iterable[Mapping[str, Any]], tta: bool = False) -> np.ndarray:
+    """The logits (V, N, C) of batches of model inputs: one view, or with `tta` two (images and their mirror)."""
     out = []
     for batch in batches:
-        p = softmax(backend.run(batch))
+        z = [np.asarray(backend.run(batch), dtype=np.float32)]
         if tta and "pixel_values" in batch:
-            p = (p + softmax(backend.run({**batch, "pixel_values": _flip(batch["pixel_values"])}))) / 2
-        out.append(p)
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+            z.append(np.asarray(backend.run({**batch, "pixel_values": _flip(batch["pixel_values"])}), dtype=np.float32))
+        out.append(np.stack(z))
+    return np.concatenate(out, axis=1) if out else np.zeros((1, 0, 0), dtype=np.float32)
+
+
+def views_to_probs(views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities (N, C) of logit views: the mean over views of softmax(logits / temperature)."""
+    if not views.shape[1]:
+        return np.zeros((0, 0), dtype=np.float32)
+    if temperature == 1.0:
+        return np.mean([softmax(v) for v in views], axis=0).astype(np.float32)
+    from duoclass.calibrate.temperature import calibrated
+
+    return calibrated(views, temperature).astype(np.float32)
+
+
+def predict_probs(backend: Any, batches: Iterable[Mapping[str, Any]], tta: bool = False) -> np.ndarray:
+    """Probabilities (N, C) of batches of model inputs: softmax of the logits divided by the backend's calibrated
+    `temperature` (1 when it has none); with `tta`, images are averaged with their mirror."""
+    return views_to_probs(predict_views(backend, batches, tta), getattr(backend, "temperature", 1.0))
 
 
 def _name(item: Any, i: int) -> str:
@@ -87,10 +111,12 @@ def resolve_top_k(top_k: int | None, n_classes: int) -> int:
 
 
 def predict_items(pre: Any, backend: Any, classes: Sequence[str], inputs: Sequence[Any], batch_size: int = 64,
-                  top_k: int | None = 1, tta: bool = False, names: Sequence[str] | None = None) -> list[Prediction]:
+                  top_k: int | None = 1, tta: bool = False, names: Sequence[str] | None = None,
+                  rule: Any = None) -> list[Prediction]:
     """One Prediction per input, in input order. An input the preprocessor cannot use gets its error;
     the others are predicted in batches of `batch_size` (texts sorted by length, so batches carry little padding).
-    `top_k`: how many labels each result lists, best first (None: every label)."""
+    `top_k`: how many labels each result lists, best first (None: every label). `rule` (calibrate.decide.Rule):
+    conformal sets and abstention."""
     classes = [str(c) for c in classes]  # plain str labels, whether classes is a list or a numpy array
     k = resolve_top_k(top_k, len(classes))
     names = list(names) if names is not None else [_name(x, i) for i, x in enumerate(inputs)]
@@ -112,6 +138,8 @@ def predict_items(pre: Any, backend: Any, classes: Sequence[str], inputs: Sequen
             r = results[i]
             r.probs, r.label, r.score = p, classes[order[0]], float(p[order[0]])
             r.top_k = [(classes[c], float(p[c])) for c in order]
+        if rule is not None:
+            rule.apply_all([results[i] for i in idx])
 
     if pre.task == "text":  # token ids are small: encode everything, then batch by length
         encoded = encode(range(len(inputs)))
@@ -151,9 +179,11 @@ def probabilities(results: Sequence[Prediction], n_classes: int) -> np.ndarray:
 
 
 def evaluate_results(results: Sequence[Prediction], labels: Sequence[int], classes: list[str], top_k: int = 5,
-                     where: str = "") -> dict[str, Any]:
-    """Metrics of predictions against labels (class indices); failed inputs are skipped and counted."""
-    from duoclass.report.metrics import classification_metrics
+                     where: str = "", resamples: int = 0, seed: int = 0, alpha: float | None = None) -> dict[str, Any]:
+    """Metrics of predictions against labels (class indices); failed inputs are skipped and counted. With
+    `resamples`, also AUC, calibration and intervals (report.metrics.full_metrics); results that carry conformal
+    sets add their coverage (classes in `classes` order)."""
+    from duoclass.report.metrics import classification_metrics, full_metrics
 
     kept = [i for i, r in enumerate(results) if r.ok]
     skipped = len(results) - len(kept)
@@ -165,7 +195,13 @@ def evaluate_results(results: Sequence[Prediction], labels: Sequence[int], class
         raise DuoclassError(f"{where}: nothing to evaluate: {why}; fix the files or pass another --split")
     probs = np.stack([results[i].probs for i in kept])  # type: ignore[misc]
     y = np.asarray([labels[i] for i in kept], dtype=np.int64)
-    m = classification_metrics(y, probs, classes, top_k=top_k, loss=cross_entropy(probs, y))
+    if resamples or any(results[i].set is not None for i in kept):
+        index = {str(c): j for j, c in enumerate(classes)}
+        sets = [[index[c] for c in results[i].set] for i in kept] if results[kept[0]].set is not None else None  # type: ignore[union-attr]
+        m = full_metrics(y, probs, [str(c) for c in classes], top_k=top_k, loss=cross_entropy(probs, y),
+                         resamples=resamples, seed=seed, sets=sets, alpha=alpha)
+    else:
+        m = classification_metrics(y, probs, classes, top_k=top_k, loss=cross_entropy(probs, y))
     m["skipped_files"] = skipped
     return m
 

@@ -39,7 +39,7 @@ from duoclass.infer.csv import csv_inputs, write_predictions_csv
 
 log = logging.getLogger("duoclass")
 
-OUTPUT_COLUMNS = ("label", "score", "top_k", "error", "warning")
+OUTPUT_COLUMNS = ("label", "score", "top_k", "set", "abstained", "error", "warning")
 
 
 def _ray() -> Any:
@@ -61,7 +61,8 @@ class Predictor:
     """
 
     def __init__(self, model_dir: str, column: str, backend: str = "torch", top_k: int = 1, batch_size: int = 64,
-                 threads: int | None = None, device: str = "cpu", cwd: str | None = None):
+                 threads: int | None = None, device: str = "cpu", cwd: str | None = None,
+                 abstain_below: float | None = None):
         from duoclass.infer.classifier import Classifier
 
         if cwd and os.path.isdir(cwd):  # relative image paths mean what they mean to the caller (an actor owns its process)
@@ -73,17 +74,20 @@ class Predictor:
             torch.set_num_threads(threads)
         self.clf = Classifier.from_folder(model_dir, device=device, backend=backend, threads=threads)
         self.column, self.top_k, self.batch_size = column, top_k, batch_size
+        self.rule = self.clf.rule(abstain_below)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [_item(x) for x in batch[self.column]]
         names = [f"row {i}" for i in range(len(items))]
         clf = self.clf
         results = predict_items(clf.preprocessor, clf.backend, clf.classes_, items, self.batch_size, self.top_k,
-                                clf.tta, names=names)
+                                clf.tta, names=names, rule=self.rule)
         out = dict(batch)
         out["label"] = np.array([r.label or "" for r in results], dtype=object)
         out["score"] = np.array([math.nan if r.score is None else r.score for r in results], dtype=np.float64)
         out["top_k"] = np.array([json.dumps(r.top_k) for r in results], dtype=object)
+        out["set"] = np.array(["" if r.set is None else json.dumps(r.set) for r in results], dtype=object)
+        out["abstained"] = np.array([r.abstained for r in results], dtype=bool)
         out["error"] = np.array([r.error or "" for r in results], dtype=object)
         out["warning"] = np.array([r.warning or "" for r in results], dtype=object)
         return out
@@ -110,8 +114,10 @@ def _check_settings(workers: int, cpus_per_worker: float, batch_size: int) -> No
 
 def predict_dataset(ds: Any, model_dir: str | Path, *, column: str | None = None, workers: int = 2,
                     cpus_per_worker: float = 1, backend: str = "torch", top_k: int = 1, batch_size: int = 64,
-                    device: str = "cpu", num_gpus: float = 0, cwd: str | None = None) -> Any:
-    """A Ray Dataset: `ds` with label, score, top_k, error and warning columns, predicted by `workers` actors
+                    device: str = "cpu", num_gpus: float = 0, cwd: str | None = None,
+                    abstain_below: float | None = None) -> Any:
+    """A Ray Dataset: `ds` with label, score, top_k, set (the conformal set as JSON, "" when the model has none),
+    abstained (under `abstain_below`), error and warning columns, predicted by `workers` actors
     that each load `model_dir` once. `column` holds the inputs (default: the model's text column for text
     models, "path" for image models; a "bytes" column of encoded images works too). Lazy, like every
     Ray Dataset: nothing runs until it is consumed (write_csv, iter_batches, to_pandas, ...). Relative image
@@ -122,11 +128,13 @@ def predict_dataset(ds: Any, model_dir: str | Path, *, column: str | None = None
     folder = Path(model_dir).resolve()
     cfg = read_model_config(folder)  # a bad folder or backend fails here, with its own message, not in every worker
     backend_variant(folder, cfg, backend)
-    return _map(ds, folder, cfg, column, workers, cpus_per_worker, backend, top_k, batch_size, device, num_gpus, cwd)
+    return _map(ds, folder, cfg, column, workers, cpus_per_worker, backend, top_k, batch_size, device, num_gpus, cwd,
+                abstain_below)
 
 
 def _map(ds: Any, folder: Path, cfg: dict[str, Any], column: str | None, workers: int, cpus_per_worker: float,
-         backend: str, top_k: int, batch_size: int, device: str, num_gpus: float, cwd: str | None) -> Any:
+         backend: str, top_k: int, batch_size: int, device: str, num_gpus: float, cwd: str | None,
+         abstain_below: float | None = None) -> Any:
     """predict_dataset for a folder whose config (`cfg`) and settings are already checked."""
     if column is None:
         column = cfg["preprocessing"].get("text_column", "text") if cfg["task"] == "text" else "path"
@@ -145,7 +153,8 @@ def _map(ds: Any, folder: Path, cfg: dict[str, Any], column: str | None, workers
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
                           num_gpus=num_gpus or None,
                           fn_constructor_kwargs=dict(model_dir=str(folder), column=column, backend=backend, top_k=top_k,
-                                                     batch_size=batch_size, threads=threads, device=device, cwd=cwd))
+                                                     batch_size=batch_size, threads=threads, device=device, cwd=cwd,
+                                                     abstain_below=abstain_below))
 
 
 @contextmanager
@@ -179,7 +188,8 @@ def ray_session(address: str | None = None, cpus: float = 0) -> Iterator[Any]:
 def predict_to_csv_ray(model_dir: str | Path, input_path: str | Path, output: str | Path | None, *, workers: int = 2,
                        cpus_per_worker: float = 1, top_k: int = 1, batch_size: int = 64, text_column: str | None = None,
                        labels_only: bool = False, backend: str = "torch", device: str = "cpu",
-                       address: str | None = None, path_column: str | None = None) -> tuple[int, int]:
+                       address: str | None = None, path_column: str | None = None,
+                       abstain_below: float | None = None) -> tuple[int, int]:
     """`duoclass predict --engine ray`: the CSV `predict_to_csv` writes, predicted by Ray workers. (rows, failed)."""
     import pandas as pd
 
@@ -191,6 +201,9 @@ def predict_to_csv_ray(model_dir: str | Path, input_path: str | Path, output: st
     cfg = read_model_config(folder)
     backend_variant(folder, cfg, backend)
     task, classes = cfg["task"], cfg["classes"]
+    from duoclass.calibrate.decide import Rule
+
+    Rule(classes, cfg.get("conformal"), abstain_below).check()  # a bad threshold fails here, not in every worker
     pre = preprocessor_from_config(task, cfg["preprocessing"], folder)
     k = resolve_top_k(top_k, len(classes))  # None: every label
     column = (text_column or pre.text_column) if task == "text" else (path_column or getattr(pre, "path_column", "path"))
@@ -202,15 +215,19 @@ def predict_to_csv_ray(model_dir: str | Path, input_path: str | Path, output: st
         with ray_session(address, workers * cpus_per_worker) as ray:
             ds = ray.data.from_pandas([pd.DataFrame({"row": b, "input": [inputs[i] for i in b]}) for b in blocks])
             out = _map(ds, folder, cfg, "input", min(workers, len(blocks)), cpus_per_worker, backend, k, batch_size,
-                       device, 0, os.getcwd())
+                       device, 0, os.getcwd(), abstain_below)
             for batch in out.iter_batches(batch_format="numpy", batch_size=None):
-                for row, label, score, top, error, warning in zip(batch["row"], batch["label"], batch["score"],
-                                                                  batch["top_k"], batch["error"], batch["warning"]):
+                for row, label, score, top, kept, abstained, error, warning in zip(
+                        batch["row"], batch["label"], batch["score"], batch["top_k"], batch["set"], batch["abstained"],
+                        batch["error"], batch["warning"]):
                     r = results[int(row)]
                     if error:
                         r.error = str(error)
                     else:
                         r.label, r.score = str(label), float(score)
                         r.top_k = [(str(c), float(p)) for c, p in json.loads(top)]
+                        r.set = json.loads(kept) if kept else None
+                        r.abstained = bool(abstained)
                     r.warning = str(warning) or None
-    return write_predictions_csv(results, key, k, labels_only, output, input_path)
+    return write_predictions_csv(results, key, k, labels_only, output, input_path, sets="conformal" in cfg,
+                                 abstain=abstain_below is not None)

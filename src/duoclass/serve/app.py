@@ -14,7 +14,7 @@ Endpoints (every one needs the token when one is set, except /healthz):
     POST /v1/models/{name}/predict     multipart `file` part(s), or JSON {"image": b64} {"images": [...]}
                                        {"text": "..."} {"texts": [...]}, optional top_k
     GET  /v1/models, /v1/models/{name} task, classes, test metrics, preprocessing, plot URLs
-    GET  /v1/models/{name}/confusion_matrix.png, .../curves.png   the run folder's plots, read at start
+    GET  /v1/models/{name}/confusion_matrix.png, curves.png, reliability.png, roc_pr.png   the run's plots
     GET  /healthz  /readyz  /metrics (Prometheus text)  /docs  /redoc  /openapi.json  /  (the web page)
     POST /login  /logout                the web page's session (with a token)
     HEAD on every GET route
@@ -131,7 +131,7 @@ def _load(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLi
         t0 = time.perf_counter()
         clf = Classifier.from_folder(folder, device=settings.device, backend=settings.backend, max_pixels=settings.max_pixels,
                                      max_decode_bytes=int(settings.max_decode_mb * 2**20))
-        cards[name], plots[name] = model_card(name, clf, folder, settings.backend)
+        cards[name], plots[name] = model_card(name, clf, folder, settings.backend, settings.abstain_below)
         workers[name] = ModelWorker(name, clf, folder, settings, metrics)
         metrics.info.set(name, clf.task, settings.backend, value=1)
         log.info("model %s: %s (%s, %d classes) from %s in %.1f s", name, cards[name]["model"], clf.task,
@@ -458,7 +458,8 @@ def _add_predict_route(app: Any, st: "_State") -> None:
         if failed:  # encoded inputs do not fail in the model thread; this is a guard, not a path
             raise RequestError(422, f"{names[failed[0]['index']]}: {failed[0]['error']}",
                                "bad_image" if w.clf.task == "image" else "bad_text", items=failed)
-        out = [{k: v for k, v in r.to_dict().items() if k in ("label", "score", "top_k", "warning")} for r in results]
+        out = [{k: v for k, v in r.to_dict().items() if k in ("label", "score", "top_k", "set", "abstained", "warning")}
+               for r in results]
         return JSONResponse({"model": name, "predictions": out,
                              "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
 

@@ -59,6 +59,7 @@ class ModelWorker:
 
     def __init__(self, name: str, clf: Any, folder: Path, settings: ServeSettings, metrics: Metrics):
         self.name, self.clf, self.folder, self.settings, self.metrics = name, clf, folder, settings, metrics
+        self.rule = clf.rule(settings.abstain_below)  # conformal sets, abstention; a class named "abstained" fails here
         self.queue: collections.deque[_Pending] = collections.deque()
         self.token_budget = settings.max_tokens if clf.task == "text" else 0
         self._changed = asyncio.Event()
@@ -229,7 +230,8 @@ class ModelWorker:
         from duoclass.infer.predict import predict_items
 
         clf = self.clf
-        return predict_items(clf.preprocessor, clf.backend, clf.classes_, items, len(items), top_k, clf.tta, names=names)
+        return predict_items(clf.preprocessor, clf.backend, clf.classes_, items, len(items), top_k, clf.tta, names=names,
+                             rule=self.rule)
 
     def warm_up(self) -> None:
         """One prediction at start, so the first request does not pay for lazy initialisation."""

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from duoclass.errors import DuoclassError
 
 log = logging.getLogger("duoclass")
-PLOTS = ("confusion_matrix", "curves")  # PNGs `duoclass train` writes into the run folder
+PLOTS = ("confusion_matrix", "curves", "reliability", "roc_pr")  # PNGs `duoclass train` writes into the run folder
 MAX_PLOT_BYTES = 20 * 1024 * 1024
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -64,7 +64,8 @@ def _scalars(split: Any) -> dict[str, float]:
     return {k: v for k, v in split.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def model_card(name: str, clf: Any, folder: Path, backend: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+def model_card(name: str, clf: Any, folder: Path, backend: str,
+               abstain_below: float | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """(what GET /v1/models/{name} answers, the plot PNGs). metrics.json comes from the model folder (hashed
     with the weights) or else the run folder; plots from the model folder or the run folder beside it."""
     cfg = clf.config_
@@ -95,6 +96,14 @@ def model_card(name: str, clf: Any, folder: Path, backend: str) -> tuple[dict[st
         "evaluation": cfg.get("evaluation", {}),
         "metrics": {s: _scalars(metrics.get(s)) for s in ("valid", "test") if isinstance(metrics.get(s), dict)},
         "epoch": metrics.get("epoch", metrics.get("best_epoch")),
+        "intervals": {s: {k: v for k, v in metrics[s]["intervals"].items() if k != "method"}
+                      for s in ("valid", "test") if isinstance(metrics.get(s), dict)
+                      and isinstance(metrics[s].get("intervals"), dict)},
+        "calibration": {"temperature": clf.temperature,
+                        "ece": {s: metrics[s]["calibration"].get("ece") for s in ("valid", "test")
+                                if isinstance(metrics.get(s), dict) and isinstance(metrics[s].get("calibration"), dict)}},
+        "conformal": ({k: clf.conformal[k] for k in ("alpha", "score")} if clf.conformal else None),
+        "abstain_below": abstain_below,
         "plots": {p: (f"/v1/models/{name}/{p}.png" if p in plots else None) for p in PLOTS},
         "predict": f"/v1/models/{name}/predict",
     }

@@ -267,8 +267,13 @@ def _schemas(settings: ServeSettings) -> Any:
         score: float
 
     class ItemResult(BaseModel):
-        label: str
-        score: float = Field(description="the probability of `label`")
+        label: str = Field(description="the predicted class, or \"abstained\" when `abstained` is true")
+        score: float = Field(description="the calibrated probability of the most probable class")
+        abstained: bool = Field(description="true when the top probability is under the server's --abstain-below: "
+                                            "then `label` is \"abstained\", never a class")
+        set: Optional[list[str]] = Field(None, description="the conformal prediction set (classes, most probable first) "
+                                                           "when the model has a conformal calibration; holds the true "
+                                                           "class with the model card's promised probability")
         top_k: list[Score] = Field(description="the top_k labels with their probabilities, best first")
         warning: Optional[str] = Field(None, description="why the label is only a guess (e.g. no known word), or null")
 

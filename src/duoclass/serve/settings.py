@@ -57,6 +57,8 @@ class ServeSettings:
                                "address; `*` answers any (a DNS-rebinding page can then reach a server without a token)")
     session_hours: float = _f(12.0, "how long a web page log-in lasts")
     login_attempts: int = _f(10, "failed log-ins allowed per client address per minute; past it 429")
+    abstain_below: Optional[float] = _f(None, "answer 'abstained' (abstained: true) instead of a class for items whose "
+                                              "calibrated top probability is under this, e.g. 0.9")
     docs: bool = _f(True, "serve the OpenAPI page at /docs and the schema at /openapi.json")
     access_log: bool = _f(True, "log one line per request")
 
@@ -100,6 +102,8 @@ class ServeSettings:
         if self.token is not None and not self.token.strip():
             bad("token", "is empty; pass a long random string (e.g. from `python -c \"import secrets; "
                          "print(secrets.token_urlsafe(32))\"`) or leave it out")
+        if self.abstain_below is not None and not 0 < self.abstain_below <= 1:
+            bad("abstain_below", f"got {self.abstain_below}; a probability in (0, 1], e.g. 0.9")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             bad("device", f"got {self.device!r}; choose one of: auto, cpu, cuda, cuda:N, mps")
 

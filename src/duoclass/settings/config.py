@@ -187,6 +187,26 @@ class TrainConfig:
     top_k: int = _f(5, "k for top-k accuracy", group="evaluation")
     tta: bool = _f(False, "test-time augmentation (average with the horizontally flipped input) at evaluation",
                    group="evaluation")
+    calibration: Literal["temperature", "none"] = _f(
+        "temperature", "temperature: fit one temperature on the valid split at the end of training (L-BFGS on the "
+        "negative log-likelihood; Guo et al. 2017), so predicted probabilities mean what they say; the model folder "
+        "records it and every backend applies it. none: raw softmax", group="evaluation")
+    conformal: Optional[float] = _f(
+        None, "ALPHA: also fit split-conformal prediction sets that hold the true class with probability 1 - ALPHA "
+        "(e.g. 0.1); the valid split is halved, one half for the temperature, the other for the sets",
+        group="evaluation")
+    conformal_score: Literal["aps", "raps"] = _f(
+        "aps", "the conformal score: aps (adaptive prediction sets) or raps (regularised: smaller sets with many "
+        "classes)", group="evaluation")
+    folds: int = _f(0, "K-fold cross-validation: train and valid pooled and split into K stratified parts, one run "
+                    "per part (OUTPUT/fold-N) validating on it, the test split untouched; then OUTPUT/summary.json "
+                    "(0 = one run)", group="evaluation")
+    fold: Optional[int] = _f(None, "the part (0..K-1) this run validates on; --folds sets it for each run",
+                             group="evaluation")
+    seeds: Optional[str] = _f(None, "comma-separated seeds, e.g. 0,1,2: one run per seed (OUTPUT/seed-N), then "
+                                    "OUTPUT/summary.json", group="evaluation")
+    bootstrap: int = _f(1000, "resamples of the stratified bootstrap behind the 95%% intervals of the final valid and "
+                        "test metrics; 0 = no intervals", group="evaluation")
 
     # --- robustness (attacks.py) ---------------------------------------------------------
     adversarial: Literal["none", "fgsm", "pgd", "trades", "fgm"] = _f(
@@ -296,6 +316,27 @@ class TrainConfig:
         if self.augment not in PRESETS:
             bad("augment", f"unknown preset {self.augment!r}; choose one of: {', '.join(PRESETS)}")
         self._check_robustness()
+        self._check_evaluation(bad)
+
+    def _check_evaluation(self, bad: Any) -> None:
+        """Calibration, conformal sets, intervals, cross-validation and repeats."""
+        if self.conformal is not None and not 0 < self.conformal < 1:
+            bad("conformal", f"got {self.conformal}; ALPHA is the miss rate allowed, between 0 and 1, e.g. 0.1")
+        if self.bootstrap < 0:
+            bad("bootstrap", f"got {self.bootstrap}; the number of resamples must be >= 0 (e.g. 1000, or 0 for none)")
+        if self.folds == 1 or self.folds < 0:
+            bad("folds", f"got {self.folds}; cross-validation needs K >= 2 parts (e.g. 5), or 0 for one run")
+        if self.fold is not None and not (self.folds >= 2 and 0 <= self.fold < self.folds):
+            bad("fold", f"got {self.fold}; a fold is 0..K-1 of --folds K (>= 2); --folds sets it, leave it out")
+        if self.seeds is not None:
+            try:
+                seeds = [int(x) for x in self.seeds.split(",") if x.strip()]
+            except ValueError:
+                seeds = []
+            if not seeds or len(set(seeds)) != len(seeds):
+                bad("seeds", f"got {self.seeds!r}; give distinct whole numbers separated by commas, e.g. 0,1,2")
+            if self.folds:
+                bad("seeds", "and --folds: choose one (repeats over seeds, or K-fold cross-validation)")
 
     def _check_robustness(self) -> None:
         """The adversarial-training settings. What needs the task (fgsm is for images, fgm for text; eps <= 1 for

@@ -170,7 +170,7 @@ def prepare_images(cfg: Any) -> "TaskData":
     """Read, check, split and (when it fits) cache an image dataset for training."""
     from duoclass.data.clean import Finding, mark_duplicates, scan_refs
     from duoclass.data.sources import read_image_dataset
-    from duoclass.data.splits import SkipCounter, TaskData, class_order, label_ids, stratified_split
+    from duoclass.data.splits import SkipCounter, TaskData, apply_fold, class_order, label_ids, stratified_split
 
     ds = read_image_dataset(cfg.data, cfg.path_column, cfg.label_column)
     classes = class_order(y for _, y in ds.splits["train"])
@@ -182,6 +182,8 @@ def prepare_images(cfg: Any) -> "TaskData":
         valid_items = [train_items[i] for i in held]
         train_items = [train_items[i] for i in keep]
         notes.append(f"no valid split: held out {len(valid_items)} training images (stratified, seed {cfg.seed})")
+    if cfg.fold is not None:  # --folds: train and valid pooled, this fold's part is valid; test untouched
+        train_items, valid_items = apply_fold(cfg, train_items, valid_items, lambda item: item[1], "images", notes)
     test_items = ds.splits.get("test") or []
     if not test_items:
         notes.append("no test split: the final test evaluation is skipped")

@@ -57,7 +57,7 @@ from duoclass.errors import DuoclassError
 from duoclass.report.heartbeat import Heartbeat
 from duoclass.report.metrics import classification_metrics, select
 from duoclass.models import count_params, create_model, resolve_name
-from duoclass.infer.predict import cross_entropy, predict_probs
+from duoclass.infer.predict import cross_entropy, predict_probs, predict_views, views_to_probs
 from duoclass.training.batches import Batch, LoaderSource, default_workers
 from duoclass.training.optim import EMA, make_optimizer, make_schedule
 from duoclass.training.steps import Step, StepContext, standard_step
@@ -222,6 +222,44 @@ def evaluate_dataset(model: nn.Module, ds: Any, collate: Callable, cfg: TrainCon
             probs[r::d.world][: len(py)] = pp
             y[r::d.world][: len(py)] = py
     return classification_metrics(y, probs, classes, top_k=cfg.top_k, loss=cross_entropy(probs, y))
+
+
+def dataset_views(model: nn.Module, ds: Any, collate: Callable, cfg: TrainConfig, device: torch.device,
+                  tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The logits (V, N, C) of `model` on a labelled dataset, through the predict path (predict_views), and the
+    labels (N,); V = 2 with test-time augmentation. One process (the final evaluation runs on rank 0)."""
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0,
+                        generator=torch.Generator().manual_seed(0))
+    ys: list[torch.Tensor] = []
+
+    def inputs() -> Iterable[dict[str, torch.Tensor]]:
+        for batch in loader:
+            if batch is None:
+                continue
+            x, y = batch
+            ys.append(y)
+            yield x
+
+    views = predict_views(TorchBackend(model, device), inputs(), tta)
+    return views, (torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64))
+
+
+def final_metrics(views: np.ndarray, y: np.ndarray, cfg: TrainConfig, classes: list[str], temperature: float,
+                  conformal: dict[str, Any] | None) -> dict[str, Any]:
+    """The final evaluation of one split from its logits: full_metrics of the calibrated probabilities (what the
+    model folder predicts), with the uncalibrated calibration figures beside them."""
+    from duoclass.calibrate.conformal import prediction_sets
+    from duoclass.report.metrics import calibration_metrics, full_metrics
+
+    probs = views_to_probs(views, temperature)
+    sets = prediction_sets(probs, conformal) if conformal is not None and len(y) else None
+    m = full_metrics(y, probs, classes, top_k=cfg.top_k, loss=cross_entropy(probs, y), resamples=cfg.bootstrap,
+                     seed=cfg.seed, sets=sets, alpha=None if conformal is None else conformal["alpha"])
+    if len(y):
+        raw = calibration_metrics(y, views_to_probs(views, 1.0))
+        m["calibration"]["before"] = {k: raw[k] for k in ("ece", "mce", "brier", "nll")}
+        m["calibration"]["temperature"] = temperature
+    return m
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -440,26 +478,39 @@ def fit(cfg: TrainConfig, data: TaskData, model: nn.Module | None = None, step: 
 def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model_dir: Path, device: torch.device,
                           best_epoch: int, history: list[dict], start: float, d: Dist) -> RunResult | None:
     """Evaluate the saved best model folder (the artifact users get) on valid and test; write reports (rank 0)."""
+    from duoclass.calibrate.fit import fit_calibration
     from duoclass.infer.torch_backend import torch_backend_from_folder
-    from duoclass.artifacts.folder import read_model_folder, update_model_folder_metrics
-    from duoclass.report.plots import plot_confusion, plot_curves
+    from duoclass.artifacts.folder import read_model_folder, update_model_folder
+    from duoclass.report.plots import plot_calibration, plot_confusion, plot_curves, plot_ranking
 
     if not d.main:
         return None
     folder_cfg, state = read_model_folder(model_dir)  # the folder as a user loads it: hashes checked
     saved = torch_backend_from_folder(folder_cfg, state, model_dir, str(device)).model
     tta = bool(folder_cfg.get("evaluation", {}).get("tta", False))
-    valid = evaluate_dataset(saved, data.valid, data.collate, cfg, device, data.classes, tta=tta)
+    v_views, v_y = dataset_views(saved, data.valid, data.collate, cfg, device, tta)
+    calibration, conformal = fit_calibration(v_views, v_y, cfg.calibration, cfg.conformal, cfg.conformal_score,
+                                             cfg.seed)
+    temperature = calibration["temperature"]
+    valid = final_metrics(v_views, v_y, cfg, data.classes, temperature, conformal)
     test = None
     if data.test is not None:
-        test = evaluate_dataset(saved, data.test, data.collate, cfg, device, data.classes, tta=tta)
+        t_views, t_y = dataset_views(saved, data.test, data.collate, cfg, device, tta)
+        test = final_metrics(t_views, t_y, cfg, data.classes, temperature, conformal)
+    if cfg.calibration != "none":
+        log.info("calibration: temperature %.3f (valid NLL %.4f -> %.4f, ECE %.4f -> %.4f)", temperature,
+                 calibration["nll_before"], calibration["nll_after"], calibration["ece_before"], calibration["ece_after"])
     skipped = len([s for s in data.skipped if getattr(s, "status", "bad") == "bad"]) + getattr(data.collate, "dropped", 0)
     ignored = len([s for s in data.skipped if getattr(s, "status", "") == "ignored"])
     seconds = time.time() - start
     summary = {"best_epoch": best_epoch, "valid": valid, "test": test, "skipped_files": skipped,
                "ignored_files": ignored, "seconds": round(seconds, 1), "model_dir": str(model_dir)}
+    summary["calibration"] = calibration
+    if conformal is not None:
+        summary["conformal"] = conformal
     atomic_write_json(run_dir / "metrics.json", summary)
-    update_model_folder_metrics(model_dir, {"epoch": best_epoch, "valid": valid, "test": test})
+    update_model_folder(model_dir, metrics={"epoch": best_epoch, "valid": valid, "test": test},
+                        settings={"calibration": calibration, "conformal": conformal})
     if data.skipped:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -471,10 +522,21 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
     plot_confusion(final["confusion_matrix"], data.classes, run_dir / "confusion_matrix.png",
                    title=f"{'test' if test else 'valid'} confusion matrix (accuracy {final['accuracy']:.4f})")
     plot_curves(history, run_dir / "curves.png")
+    if "calibration" in final:
+        plot_calibration(final["calibration"], run_dir / "reliability.png", title=f"{'test' if test else 'valid'} reliability")
+        plot_ranking(views_to_probs(t_views if test else v_views, temperature), t_y if test else v_y, data.classes,
+                     run_dir / "roc_pr.png")
     log.info("best epoch %d (by valid %s): valid accuracy %.4f, balanced accuracy %.4f, f1_macro %.4f", best_epoch,
              cfg.select_metric, valid["accuracy"], valid["balanced_accuracy"], valid["f1_macro"])
     if test is not None:
         log.info("test accuracy %.4f, f1_macro %.4f, f1_weighted %.4f", test["accuracy"], test["f1_macro"], test["f1_weighted"])
+        iv = test.get("intervals", {}).get("accuracy")
+        if iv and test.get("roc_auc") is not None:
+            log.info("test accuracy 95%% interval %.4f-%.4f; ROC AUC %.4f; ECE %.4f", iv["low"], iv["high"],
+                     test["roc_auc"], test["calibration"]["ece"])
+        if "conformal" in test:
+            log.info("conformal sets (alpha %.2f): test coverage %.4f, mean size %.2f", test["conformal"]["alpha"],
+                     test["conformal"]["coverage"], test["conformal"]["mean_size"])
     if skipped or ignored:
         log.warning("skipped %d unusable files and %d non-image files; see %s", skipped, ignored, run_dir / "skipped.csv")
     log.info("model folder: %s (%.1f s)", model_dir, seconds)

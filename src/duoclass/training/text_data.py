@@ -231,7 +231,7 @@ def build_preprocessor(cfg: Any, train_texts: Sequence[str],
 
 def prepare_text(cfg: Any, given: dict[str, Any] | None = None) -> "TaskData":
     """Read, check, split and encode a text dataset for the engine; `given`: see build_preprocessor."""
-    from duoclass.data.splits import TaskData, class_order, label_ids, stratified_split
+    from duoclass.data.splits import TaskData, apply_fold, class_order, label_ids, stratified_split
 
     splits, skipped, single = read_text_dataset(cfg.data, cfg.text_column, cfg.label_column)
     train = splits["train"]
@@ -248,6 +248,8 @@ def prepare_text(cfg: Any, given: dict[str, Any] | None = None) -> "TaskData":
         splits["valid"] = [train[i] for i in held]
         train = [train[i] for i in keep]
         notes.append(f"no valid split: held out {len(held)} training rows (stratified, seed {cfg.seed + 1})")
+    if cfg.fold is not None:  # --folds: train and valid pooled, this fold's part is valid; test untouched
+        train, splits["valid"] = apply_fold(cfg, train, splits["valid"], lambda r: r.label, "rows", notes)
     splits["train"] = train
     if not splits.get("test"):
         notes.append("no test split: the final test evaluation is skipped")

@@ -44,6 +44,20 @@ function showResults(resp, clientMs) {
   const list = $("results");
   list.replaceChildren();
   const p = resp.predictions[0];
+  const verdict = $("verdict");
+  verdict.hidden = false;
+  verdict.className = p.abstained ? "abstained" : "";
+  verdict.textContent = p.abstained
+    ? `abstained: the model is not sure enough (top probability ${(p.score * 100).toFixed(1)}%, under ` +
+      `${(current.abstain_below * 100).toFixed(0)}%); no label is given`
+    : `label: ${p.label}`;
+  const set = $("prediction-set");
+  set.hidden = !Array.isArray(p.set);
+  if (Array.isArray(p.set)) {
+    const cover = current.conformal ? `${((1 - current.conformal.alpha) * 100).toFixed(0)}%` : "";
+    set.textContent = `conformal set (holds the true class ${cover} of the time): ` +
+      (p.set.length ? p.set.join(", ") : "none of the classes");
+  }
   for (const { label, score } of p.top_k) {
     const pct = (score * 100).toFixed(1);
     list.appendChild(el("li", { class: "result" }, [
@@ -60,6 +74,8 @@ async function predict(options) {
   if (!current) return;
   setStatus("predicting...");
   $("results").replaceChildren();
+  $("verdict").hidden = true;
+  $("prediction-set").hidden = true;
   $("latency").textContent = "";
   const t0 = performance.now();
   try {
@@ -94,14 +110,25 @@ function showCard(m) {
   const tbody = $("card-metrics").querySelector("tbody");
   tbody.replaceChildren();
   const test = (m.metrics && (m.metrics.test || m.metrics.valid)) || {};
-  const keys = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "n"];
+  const split = m.metrics && m.metrics.test ? "test" : "valid";
+  const intervals = (m.intervals && m.intervals[split]) || {};
+  const keys = ["accuracy", "balanced_accuracy", "roc_auc", "average_precision", "sensitivity", "specificity",
+                "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "n"];
   for (const k of keys) {
     if (!(k in test)) continue;
     const v = test[k];
-    tbody.appendChild(el("tr", {}, [el("th", { text: k }), el("td", { text: k === "n" ? String(v) : v.toFixed(4) })]));
+    const iv = intervals[k];
+    const text = k === "n" ? String(v) : v.toFixed(4) + (iv ? ` [${iv.low.toFixed(4)}, ${iv.high.toFixed(4)}]` : "");
+    tbody.appendChild(el("tr", {}, [el("th", { text: k }), el("td", { text })]));
+  }
+  const cal = m.calibration || {};
+  if (cal.ece && cal.ece[split] !== undefined && cal.ece[split] !== null) {
+    tbody.appendChild(el("tr", {}, [el("th", { text: "ECE" }),
+      el("td", { text: `${cal.ece[split].toFixed(4)} (temperature ${cal.temperature.toFixed(3)})` })]));
   }
   if (!tbody.children.length) tbody.appendChild(el("tr", {}, [el("td", { text: "no metrics.json in the model folder" })]));
-  for (const [plot, id] of [["confusion_matrix", "card-confusion"], ["curves", "card-curves"]]) {
+  for (const [plot, id] of [["confusion_matrix", "card-confusion"], ["curves", "card-curves"],
+                            ["reliability", "card-reliability"], ["roc_pr", "card-roc"]]) {
     const fig = $(id);
     const url = m.plots && m.plots[plot];
     fig.hidden = !url;
@@ -115,6 +142,8 @@ function selectModel(name) {
   $("image-input").hidden = current.task !== "image";
   $("text-input").hidden = current.task !== "text";
   $("results").replaceChildren();
+  $("verdict").hidden = true;
+  $("prediction-set").hidden = true;
   $("latency").textContent = "";
   setStatus("");
   showCard(current);
