@@ -58,6 +58,30 @@ def test_auc_and_average_precision_equal_scikit_learns(c: int, ties: bool) -> No
     assert fast["f1_macro"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
 
 
+@pytest.mark.parametrize("c", [2, 5])
+def test_each_resample_equals_scikit_learn_on_the_resampled_examples(c: int) -> None:
+    """The intervals' metrics are computed for all resamples at once, from example counts: each must equal
+    scikit-learn's on that resample's examples, duplicates and ties included."""
+    from duoclass.report.intervals import resampled_metrics, stratified_resamples
+
+    rng = np.random.default_rng(c)
+    p, y = _probs(rng, 300, c, ties=True)
+    idx = stratified_resamples(y, 12, seed=1)
+    got = resampled_metrics(y, p, c, idx)
+    for j, row in enumerate(idx):
+        yb, pb = y[row], p[row]
+        assert got["accuracy"][j] == pytest.approx(accuracy_score(yb, pb.argmax(1)))
+        assert got["balanced_accuracy"][j] == pytest.approx(balanced_accuracy_score(yb, pb.argmax(1)))
+        assert got["f1_macro"][j] == pytest.approx(f1_score(yb, pb.argmax(1), average="macro"))
+        if c == 2:
+            assert got["roc_auc"][j] == pytest.approx(roc_auc_score(yb, pb[:, 1]))
+            assert got["average_precision"][j] == pytest.approx(average_precision_score(yb, pb[:, 1]))
+        else:
+            assert got["roc_auc"][j] == pytest.approx(roc_auc_score(yb, pb, multi_class="ovr", average="macro"))
+            assert got["average_precision"][j] == pytest.approx(
+                np.mean([average_precision_score(yb == k, pb[:, k]) for k in range(c)]))
+
+
 def test_a_figure_a_split_cannot_give_is_none_not_a_crash() -> None:
     p = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
     m = ranking_metrics(np.array([0, 0, 0]), p, ["a", "b"])  # no positive example: AUC is undefined
@@ -421,3 +445,56 @@ def test_cross_validation_runs_each_fold_keeps_the_best_valid_and_resumes(digits
     assert "mean ± std" in r.stdout and f"kept: {best['run']}" in r.stdout
     again = run_cli(*args)  # every fold is done: read, not trained again
     assert again.returncode == 0 and "done earlier" in again.stderr and "training into" not in again.stderr
+
+
+# --- the operating point (two classes) --------------------------------------------------------------------------
+def test_the_threshold_reaches_its_target_on_the_data_it_was_chosen_on() -> None:
+    from duoclass.calibrate.decide import choose_threshold
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(500) < 0.4).astype(int)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    for target in (0.5, 0.8, 0.95, 0.99):
+        t = choose_threshold(p, y, "sensitivity", target)
+        sens = (p[y == 1] >= t).mean()
+        assert sens >= target and (p[y == 1] >= np.nextafter(t, 1)).mean() < target  # the largest such threshold
+        t = choose_threshold(p, y, "specificity", target)
+        spec = (p[y == 0] < t).mean()
+        assert spec >= target and (p[y == 0] < np.nextafter(t, 0)).mean() < target  # the smallest such threshold
+    with pytest.raises(DuoclassError, match="examples of both classes"):
+        choose_threshold(p[y == 1], y[y == 1], "sensitivity", 0.9)
+
+
+@pytest.mark.parametrize("bad", ["sensitivity", "sensitivity=1.2", "recall=0.9", "specificity=x", "sensitivity=0"])
+def test_operating_point_settings_are_refused_clearly(bad: str, tmp_path: Path) -> None:
+    r = run_cli("train", str(tmp_path), "--operating-point", bad)
+    assert r.returncode != 0 and f"--operating-point: got {bad!r}; give sensitivity=P or specificity=P" in r.stderr
+
+
+def test_an_operating_point_on_more_than_two_classes_is_refused(digits: Path, tmp_path: Path) -> None:
+    r = run_cli("train", str(digits), "--output", str(tmp_path / "r"), "--operating-point", "sensitivity=0.9",
+                "--epochs", "1", "--model", "msresnet-tiny", "--image-size", "8")
+    assert r.returncode != 0 and "a decision threshold is for two classes" in r.stderr and "has 10" in r.stderr
+    assert not (tmp_path / "r" / "state.pt").exists()  # refused before training
+
+
+def test_the_operating_point_labels_predict_and_reports_its_figures(digits: Path, tmp_path: Path) -> None:
+    import shutil
+
+    two = tmp_path / "two"  # digits 3 against 8: two classes
+    for split in ("train", "test"):
+        for c in ("3", "8"):
+            shutil.copytree(digits / split / c, two / split / c)
+    clf = duoclass.train(two, output=str(tmp_path / "run"), operating_point="sensitivity=0.99", **FAST)
+    op = json.loads((Path(clf.folder) / "config.json").read_text())["operating_point"]
+    assert op["metric"] == "sensitivity" and op["target"] == 0.99 and op["positive"] == "8"
+    test = clf.result_.test["operating_point"]
+    assert test["threshold"] == op["threshold"] and test["sensitivity_interval"]["low"] <= test["sensitivity"]
+    assert clf.result_.valid["operating_point"]["sensitivity"] >= 0.99  # reached where it was chosen
+    files = sorted((two / "test").rglob("*.png"))
+    p8 = clf.predict_proba(files)[:, 1]
+    want = ["8" if p >= op["threshold"] else "3" for p in p8]
+    assert clf.predict(files) == want
+    assert want != ["8" if p >= 0.5 else "3" for p in p8] or op["threshold"] == pytest.approx(0.5, abs=0.05)
+    m = clf.evaluate(two, split="test", resamples=0)
+    assert m["operating_point"]["sensitivity"] == pytest.approx(test["sensitivity"])

@@ -29,6 +29,8 @@ config.json, format_version 2 (a key not listed here is refused):
                     ...the fit's figures}: the predict path divides the logits by the temperature (calibrate/)
     conformal       optional: {"alpha": (0, 1), "score": "aps" | "raps", "qhat": float, "lambda": float,
                     "k_reg": int, "n": int, ...}: predictions carry a conformal set (calibrate/conformal.py)
+    operating_point optional, two classes: {"metric": "sensitivity" | "specificity", "target": (0, 1),
+                    "threshold": float, ...}: the label is the second class when its probability reaches the threshold
     training        optional: a record of the run (data, seed, epochs, the training step, ...); only
                     `recorded_training` reads it (the data path, as an absolute path, and the seed)
     versions        {"duoclass": ..., "torch": ..., ...} that wrote the folder
@@ -78,7 +80,7 @@ TOKENIZERS = ("hf", "ngram-hash", "ngram-vocab")
 DTYPES = ("float32", "int64")
 DYNAMIC_AXES = ("batch", "sequence")
 _KEYS = ("format", "format_version", "task", "model", "classes", "preprocessing", "evaluation", "inputs",
-         "variants", "calibration", "conformal", "training", "versions", "files", "config_sha256")  # config.json's keys, in written order
+         "variants", "calibration", "conformal", "operating_point", "training", "versions", "files", "config_sha256")  # config.json's keys, in written order
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -212,6 +214,14 @@ def _calibration_records_problem(cfg: dict[str, Any]) -> str | None:
         if not (num(cp["alpha"]) and 0 < cp["alpha"] < 1) or cp["score"] not in ("aps", "raps") or not num(cp["qhat"]) \
                 or not num(cp["lambda"]) or not isinstance(cp["k_reg"], int):
             return f"'conformal' has an unusable value ({cp!r}); refit it with `duoclass calibrate`"
+    op = cfg.get("operating_point")
+    if op is not None:
+        ok = _obj(op) and op.get("metric") in ("sensitivity", "specificity") and \
+            isinstance(op.get("threshold"), (int, float)) and not isinstance(op.get("threshold"), bool)
+        if not ok:
+            return "'operating_point' should be {\"metric\": sensitivity | specificity, \"threshold\": a number, ...}"
+        if len(cfg["classes"]) != 2:
+            return f"'operating_point' is for two classes; this model has {len(cfg['classes'])}"
     return None
 
 
@@ -464,8 +474,9 @@ def update_model_folder(folder: str | Path, metrics: dict[str, Any] | None = Non
     if variants:
         base["variants"] = {**cfg.get("variants", {}), **variants}
     for key, value in (settings or {}).items():
-        if key not in ("calibration", "conformal"):
-            raise DuoclassError(f"{folder}: cannot set {key!r} in config.json (settable: calibration, conformal)")
+        if key not in ("calibration", "conformal", "operating_point"):
+            raise DuoclassError(f"{folder}: cannot set {key!r} in config.json (settable: calibration, conformal, "
+                                "operating_point)")
         if value is None:
             base.pop(key, None)
         else:

@@ -4,7 +4,9 @@
     rule.check()                               # a clear error for an unusable threshold
     rule.apply(prediction)                     # sets prediction.set, and for an unsure input abstained / label
 
-An input whose calibrated top probability is under `abstain_below` is abstained: its label is ABSTAINED (in the
+With an operating point (two classes), the label is the second class when its probability reaches the
+threshold chosen on valid, else the first; `score` is the probability of that label. An input whose calibrated
+probability of its label is under `abstain_below` is abstained: its label is ABSTAINED (in the
 CSV, the API and the server), `abstained` is true, and no class is given as its label; its probabilities and
 top-k stay, so a person can look. A class may not itself be named ABSTAINED when abstaining is on.
 """
@@ -20,11 +22,44 @@ from duoclass.errors import DuoclassError
 ABSTAINED = "abstained"
 
 
+OPERATING_METRICS = ("sensitivity", "specificity")
+
+
+def parse_operating_point(text: str) -> tuple[str, float]:
+    """("sensitivity" | "specificity", target) from "sensitivity=0.95"; ValueError with the fix otherwise."""
+    name, eq, value = str(text).partition("=")
+    try:
+        target = float(value)
+    except ValueError:
+        target = float("nan")
+    if not eq or name.strip() not in OPERATING_METRICS or not 0 < target < 1:
+        raise ValueError(f"got {text!r}; give sensitivity=P or specificity=P with P between 0 and 1, e.g. "
+                         "sensitivity=0.95")
+    return name.strip(), target
+
+
+def choose_threshold(p_positive: Any, y: Any, metric: str, target: float) -> float:
+    """The threshold t on the positive class's probability (label positive when p >= t) that reaches `target`
+    `metric` on these labelled examples, keeping the other figure as high as it can: for sensitivity the largest
+    such t, for specificity the smallest."""
+    p = np.asarray(p_positive, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    if not len(pos) or not len(neg):
+        raise DuoclassError("--operating-point: the valid split needs examples of both classes to choose a threshold")
+    if metric == "sensitivity":  # at least ceil(target * P) positives at or above t
+        k = int(np.ceil(target * len(pos) - 1e-9))
+        return float(pos[len(pos) - k]) if k > 0 else float(np.nextafter(pos[-1], np.inf))
+    k = int(np.ceil(target * len(neg) - 1e-9))  # at least k negatives strictly below t
+    return float(np.nextafter(neg[k - 1], np.inf)) if k > 0 else float(neg[0])
+
+
 @dataclass
 class Rule:
     classes: Sequence[str]
     conformal: dict[str, Any] | None = None  # the model folder's conformal record (calibrate.conformal)
     abstain_below: float | None = None
+    operating_point: dict[str, Any] | None = None  # {"metric", "target", "threshold"}: label by the threshold
 
     def check(self) -> "Rule":
         p = self.abstain_below
@@ -38,13 +73,18 @@ class Rule:
 
     @property
     def active(self) -> bool:
-        return self.conformal is not None or self.abstain_below is not None
+        return self.conformal is not None or self.abstain_below is not None or self.operating_point is not None
 
     def apply_all(self, results: Sequence[Any]) -> None:
         """Set each usable result's conformal set and abstention (results: predict.Prediction)."""
         ok = [r for r in results if r.probs is not None]
         if not ok or not self.active:
             return
+        if self.operating_point is not None:  # two classes: the second is positive at or above the threshold
+            t = self.operating_point["threshold"]
+            for r in ok:
+                c = 1 if r.probs[1] >= t else 0
+                r.label, r.score = str(self.classes[c]), float(r.probs[c])
         if self.conformal is not None:
             from duoclass.calibrate.conformal import prediction_sets
 

@@ -165,7 +165,7 @@ class Classifier:
         """The decision rule of this model's predictions: its conformal sets, and abstention under `abstain_below`."""
         from duoclass.calibrate.decide import Rule
 
-        return Rule(self.classes_.tolist(), self.conformal, abstain_below).check()
+        return Rule(self.classes_.tolist(), self.conformal, abstain_below, self.config_.get("operating_point")).check()
 
     def predict_results(self, inputs: Any, top_k: int | None = 1, batch_size: int = 64,
                         abstain_below: float | None = None) -> list[Prediction]:
@@ -301,6 +301,13 @@ class Classifier:
                              alpha=(self.conformal or {}).get("alpha"))
         m["split"] = split
         m["temperature"] = self.temperature
+        op = self.config_.get("operating_point")
+        if op is not None:  # the labels predict gives: thresholded, with their own sensitivity and specificity
+            from duoclass.report.intervals import operating_point_figures
+
+            kept = [(r.probs[1], y) for r, y in zip(results, labels) if r.probs is not None]
+            m["operating_point"] = {**op, **operating_point_figures([p for p, _ in kept], [y for _, y in kept],
+                                                                    op["threshold"], resamples, seed)}
         m["skipped_files"] += empty  # text rows with empty text are skipped when reading, as in training
         m["tta"] = self.tta
         m["topk_accuracy_k"] = k

@@ -104,6 +104,7 @@ def model_card(name: str, clf: Any, folder: Path, backend: str,
                                 if isinstance(metrics.get(s), dict) and isinstance(metrics[s].get("calibration"), dict)}},
         "conformal": ({k: clf.conformal[k] for k in ("alpha", "score")} if clf.conformal else None),
         "abstain_below": abstain_below,
+        "operating_point": cfg.get("operating_point"),
         "plots": {p: (f"/v1/models/{name}/{p}.png" if p in plots else None) for p in PLOTS},
         "predict": f"/v1/models/{name}/predict",
     }

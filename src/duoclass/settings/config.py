@@ -198,6 +198,10 @@ class TrainConfig:
     conformal_score: Literal["aps", "raps"] = _f(
         "aps", "the conformal score: aps (adaptive prediction sets) or raps (regularised: smaller sets with many "
         "classes)", group="evaluation")
+    operating_point: Optional[str] = _f(
+        None, "two classes: sensitivity=0.95 or specificity=0.95: the decision threshold on the second class's "
+        "calibrated probability that reaches this on the valid split; the model folder records it, predict and serve "
+        "label by it, and the report gives test sensitivity and specificity at it", group="evaluation")
     folds: int = _f(0, "K-fold cross-validation: train and valid pooled and split into K stratified parts, one run "
                     "per part (OUTPUT/fold-N) validating on it, the test split untouched; then OUTPUT/summary.json "
                     "(0 = one run)", group="evaluation")
@@ -322,6 +326,13 @@ class TrainConfig:
         """Calibration, conformal sets, intervals, cross-validation and repeats."""
         if self.conformal is not None and not 0 < self.conformal < 1:
             bad("conformal", f"got {self.conformal}; ALPHA is the miss rate allowed, between 0 and 1, e.g. 0.1")
+        if self.operating_point is not None:
+            from duoclass.calibrate.decide import parse_operating_point
+
+            try:
+                parse_operating_point(self.operating_point)
+            except ValueError as e:
+                bad("operating_point", str(e))
         if self.bootstrap < 0:
             bad("bootstrap", f"got {self.bootstrap}; the number of resamples must be >= 0 (e.g. 1000, or 0 for none)")
         if self.folds == 1 or self.folds < 0:

@@ -245,7 +245,7 @@ def dataset_views(model: nn.Module, ds: Any, collate: Callable, cfg: TrainConfig
 
 
 def final_metrics(views: np.ndarray, y: np.ndarray, cfg: TrainConfig, classes: list[str], temperature: float,
-                  conformal: dict[str, Any] | None) -> dict[str, Any]:
+                  conformal: dict[str, Any] | None, operating: dict[str, Any] | None = None) -> dict[str, Any]:
     """The final evaluation of one split from its logits: full_metrics of the calibrated probabilities (what the
     model folder predicts), with the uncalibrated calibration figures beside them."""
     from duoclass.calibrate.conformal import prediction_sets
@@ -259,6 +259,11 @@ def final_metrics(views: np.ndarray, y: np.ndarray, cfg: TrainConfig, classes: l
         raw = calibration_metrics(y, views_to_probs(views, 1.0))
         m["calibration"]["before"] = {k: raw[k] for k in ("ece", "mce", "brier", "nll")}
         m["calibration"]["temperature"] = temperature
+        if operating is not None:
+            from duoclass.report.intervals import operating_point_figures
+
+            m["operating_point"] = {**operating, **operating_point_figures(probs[:, 1], y, operating["threshold"],
+                                                                           cfg.bootstrap, cfg.seed)}
     return m
 
 
@@ -492,11 +497,19 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
     calibration, conformal = fit_calibration(v_views, v_y, cfg.calibration, cfg.conformal, cfg.conformal_score,
                                              cfg.seed)
     temperature = calibration["temperature"]
-    valid = final_metrics(v_views, v_y, cfg, data.classes, temperature, conformal)
+    operating = None
+    if cfg.operating_point:
+        from duoclass.calibrate.decide import choose_threshold, parse_operating_point
+
+        metric, target = parse_operating_point(cfg.operating_point)
+        operating = {"metric": metric, "target": target, "positive": data.classes[1],
+                     "threshold": choose_threshold(views_to_probs(v_views, temperature)[:, 1], v_y, metric, target),
+                     "chosen_on": "valid"}
+    valid = final_metrics(v_views, v_y, cfg, data.classes, temperature, conformal, operating)
     test = None
     if data.test is not None:
         t_views, t_y = dataset_views(saved, data.test, data.collate, cfg, device, tta)
-        test = final_metrics(t_views, t_y, cfg, data.classes, temperature, conformal)
+        test = final_metrics(t_views, t_y, cfg, data.classes, temperature, conformal, operating)
     if cfg.calibration != "none":
         log.info("calibration: temperature %.3f (valid NLL %.4f -> %.4f, ECE %.4f -> %.4f)", temperature,
                  calibration["nll_before"], calibration["nll_after"], calibration["ece_before"], calibration["ece_after"])
@@ -510,7 +523,7 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
         summary["conformal"] = conformal
     atomic_write_json(run_dir / "metrics.json", summary)
     update_model_folder(model_dir, metrics={"epoch": best_epoch, "valid": valid, "test": test},
-                        settings={"calibration": calibration, "conformal": conformal})
+                        settings={"calibration": calibration, "conformal": conformal, "operating_point": operating})
     if data.skipped:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -534,6 +547,10 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
         if iv and test.get("roc_auc") is not None:
             log.info("test accuracy 95%% interval %.4f-%.4f; ROC AUC %.4f; ECE %.4f", iv["low"], iv["high"],
                      test["roc_auc"], test["calibration"]["ece"])
+        if "operating_point" in test:
+            op = test["operating_point"]
+            log.info("operating point %s=%.2f (threshold %.4f on valid): test sensitivity %.4f, specificity %.4f",
+                     op["metric"], op["target"], op["threshold"], op["sensitivity"], op["specificity"])
         if "conformal" in test:
             log.info("conformal sets (alpha %.2f): test coverage %.4f, mean size %.2f", test["conformal"]["alpha"],
                      test["conformal"]["coverage"], test["conformal"]["mean_size"])

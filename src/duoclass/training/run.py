@@ -159,6 +159,9 @@ def run(cfg: TrainConfig, *, data: "TaskData | None" = None, model: "nn.Module |
 
     if data is None:
         data = prepare_once(cfg, prepare)  # under torchrun: rank 0's vocabulary and classes everywhere
+    if cfg.operating_point and len(data.classes) != 2:
+        raise DuoclassError(f"--operating-point {cfg.operating_point}: a decision threshold is for two classes; "
+                            f"{cfg.data} has {len(data.classes)}; leave it out (or use --abstain-below when predicting)")
     chosen = make_step(cfg, data)  # --adversarial: an AdversarialStep; None: the standard step
     if step is not None and chosen is not None:
         raise DuoclassError(f"--adversarial {cfg.adversarial}: this run trains with a step of its own "
