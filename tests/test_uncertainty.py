@@ -498,3 +498,87 @@ def test_the_operating_point_labels_predict_and_reports_its_figures(digits: Path
     assert want != ["8" if p >= 0.5 else "3" for p in p8] or op["threshold"] == pytest.approx(0.5, abs=0.05)
     m = clf.evaluate(two, split="test", resamples=0)
     assert m["operating_point"]["sensitivity"] == pytest.approx(test["sensitivity"])
+
+
+# --- int8 and pruning refit their own temperature ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_text_model(tmp_path_factory) -> Path:
+    from .test_text import make_toy
+
+    toy = make_toy(tmp_path_factory.mktemp("cal-toy") / "toy", 120, 40)
+    out = tmp_path_factory.mktemp("cal-tfidf")
+    duoclass.train(toy, output=str(out), model="tfidf-mlp", epochs=2, batch_size=16, progress=False)
+    return out / "model"
+
+
+def test_quantize_refits_the_int8_temperature_on_valid(toy_text_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from duoclass.artifacts.folder import read_model_config
+    from duoclass.compress.quantize import quantize_model_folder
+
+    folder = tmp_path / "q"
+    shutil.copytree(toy_text_model, folder)
+    fp32_t = duoclass.load(folder).temperature
+    r = quantize_model_folder(folder, method="dynamic", force=True)
+    cal = read_model_config(folder)["variants"]["onnx-int8"]["calibration"]
+    assert r["calibration"] == cal and cal["n"] == 40 and "(valid)" in cal["fitted_on"]  # the toy's valid split
+    assert cal["previous_temperature"] == pytest.approx(fp32_t)
+    assert "ece_with_previous_temperature" in cal
+    assert duoclass.load(folder, backend="onnx-int8").temperature == pytest.approx(cal["temperature"])
+    assert duoclass.load(folder).temperature == pytest.approx(fp32_t)  # the weights keep theirs
+
+
+def test_without_a_valid_split_the_variant_keeps_the_weights_temperature_and_says_so(
+        toy_text_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from duoclass.artifacts.folder import read_model_config
+    from duoclass.compress.quantize import quantize_model_folder
+
+    folder = tmp_path / "q"
+    shutil.copytree(toy_text_model, folder)
+    data = tmp_path / "no-valid"
+    src = Path(read_model_config(folder)["training"]["data"])
+    data.mkdir()
+    for split in ("train", "test"):
+        shutil.copy(src / f"{split}.csv", data / f"{split}.csv")
+    with caplog.at_level("WARNING", logger="duoclass"):
+        r = quantize_model_folder(folder, method="dynamic", force=True, data=data)
+    assert r["calibration"] is None
+    assert "calibration" not in read_model_config(folder)["variants"]["onnx-int8"]
+    assert "keeps the weights' temperature" in caplog.text and "no 'valid' split" in caplog.text
+    assert duoclass.load(folder, backend="onnx-int8").temperature == pytest.approx(duoclass.load(folder).temperature)
+
+
+def test_an_uncalibrated_folder_stays_uncalibrated_after_quantize(tmp_path_factory, tmp_path: Path) -> None:
+    from duoclass.artifacts.folder import read_model_config
+    from duoclass.compress.quantize import quantize_model_folder
+
+    from .test_text import make_toy
+
+    toy = make_toy(tmp_path / "toy", 60, 20)
+    duoclass.train(toy, output=str(tmp_path / "run"), model="tfidf-mlp", epochs=1, batch_size=16, progress=False,
+                   calibration="none")
+    folder = tmp_path / "run" / "model"
+    assert read_model_config(folder)["calibration"]["method"] == "none"
+    assert duoclass.load(folder).temperature == 1.0
+    r = quantize_model_folder(folder, method="dynamic", force=True)
+    assert r["calibration"] is None and duoclass.load(folder, backend="onnx-int8").temperature == 1.0
+
+
+def test_prune_refits_the_temperature_of_the_pruned_folder(digits: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from duoclass.artifacts.folder import read_model_config
+
+    data = tmp_path / "digits-v"  # digits with a valid split of its own
+    shutil.copytree(digits / "train", data / "train")
+    shutil.copytree(digits / "test", data / "valid")
+    shutil.copytree(digits / "test", data / "test")
+    src = duoclass.train(data, output=str(tmp_path / "run"), **{**FAST, "epochs": 1, "image_size": 12})
+    r = duoclass.prune(src.folder, amount=0.3, output=str(tmp_path / "pruned"))
+    cal = read_model_config(tmp_path / "pruned")["calibration"]
+    assert r["calibration"] == cal and cal["n"] == 359 and cal["previous_temperature"] == pytest.approx(src.temperature)
+    assert duoclass.load(tmp_path / "pruned").temperature == pytest.approx(cal["temperature"])
+    assert cal["temperature"] != pytest.approx(src.temperature)  # pruning moved the logits; so did the refit

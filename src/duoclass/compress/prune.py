@@ -413,7 +413,8 @@ def prune_model_folder(model_dir: str | Path, amount: float = 0.3, output: str |
         from duoclass.compress.recalibrate import calibrate_model_folder
 
         try:
-            calibration = calibrate_model_folder(model_folder, data_path, "valid", device=device)["calibration"]
+            calibration = calibrate_model_folder(model_folder, data_path, "valid", device=device,
+                                                 previous_temperature=cfg["calibration"]["temperature"])["calibration"]
         except DuoclassError as e:
             log.warning("%s: not calibrated (its predictions use raw softmax): %s", model_folder, e)
     clf = Classifier.from_folder(model_folder, device=device)  # the pruned model as users load it

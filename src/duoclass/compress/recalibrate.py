@@ -35,10 +35,12 @@ def logit_views(clf: Any, data: str | Path, split: str, batch_size: int = 64) ->
 def calibrate_model_folder(model_dir: str | Path, data: str | Path | None = None, split: str = "valid",
                            backend: str = "torch", conformal: float | None = None, score: str = "aps",
                            seed: int | None = None, output: str | Path | None = None,
-                           batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
+                           batch_size: int = 64, device: str = "auto",
+                           previous_temperature: float | None = None) -> dict[str, Any]:
     """Refit the temperature of `backend`'s logits (the weights for "torch", else that variant) on `split` of
     `data` (default: the data config.json records); with `conformal` ALPHA, also the conformal sets (the split
-    is then halved, as in training). Writes the folder (or `output`) and returns the report."""
+    is then halved, as in training). Writes the folder (or `output`) and returns the report. `previous_temperature`:
+    the one to compare with when the folder's own is not it (a pruned copy: its source's)."""
     from duoclass.artifacts.folder import read_model_config, recorded_training, update_model_folder
     from duoclass.calibrate.fit import fit_calibration
     from duoclass.calibrate.temperature import calibrated
@@ -56,7 +58,7 @@ def calibrate_model_folder(model_dir: str | Path, data: str | Path | None = None
         raise DuoclassError(f"{src}: the {split} split has {len(y)} usable examples; calibration needs labelled "
                             "held-out examples (pass --split NAME or another DATA)")
     variant = cfg.get("variants", {}).get(backend) if backend != "torch" else None
-    old_t = temperature_of(cfg, variant)
+    old_t = temperature_of(cfg, variant) if previous_temperature is None else previous_temperature
     cal, cp = fit_calibration(views, y, "temperature", conformal, score, seed, where=f"{src} ({split})")
     cal["previous_temperature"] = old_t
     cal["ece_with_previous_temperature"] = calibration_metrics(y, calibrated(views, old_t))["ece"]
