@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import duoclass
@@ -130,6 +131,12 @@ def test_pipeline_and_auto_model_agree_with_duoclass(albert_dir: Path, exported:
     assert [r["label"] for r in pipe(texts, truncation=True)] == expected
     assert [r["label"] for r in pipe(texts, truncation=True, batch_size=8)] == expected
     assert pipe("a wonderful story")[0]["label"] == expected[texts.index("a wonderful story")]
+    # the calibrated temperature travels with the export: pipeline() gives duoclass's probabilities
+    clf = duoclass.load(albert_dir, device="cpu")
+    assert clf.temperature != 1.0
+    want = clf.predict_proba(texts).max(axis=1)
+    got = [r["score"] for r in pipe(texts, truncation=True)]
+    np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_tokenizer_gives_duoclass_ids(albert_dir: Path, exported: tuple[Path, dict]) -> None:

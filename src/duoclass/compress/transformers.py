@@ -168,6 +168,7 @@ def _write(folder: Path, clf: Any, tf: Any) -> str:
     from tokenizers import Tokenizer
 
     net = clf.model.net
+    _bake_temperature(net, clf.temperature)
     net.config.num_labels = len(clf.classes_)
     net.config.id2label = {i: c for i, c in enumerate(clf.classes_)}
     net.config.label2id = {c: i for i, c in enumerate(clf.classes_)}
@@ -244,6 +245,24 @@ def _long_text(texts: Sequence[str], pre: Any) -> str:
     return text
 
 
+def _bake_temperature(net: Any, temperature: float) -> None:
+    """The calibrated temperature into the classifier's last linear layer (weights and bias divided by it), so
+    pipeline() gives the probabilities duoclass gives. A head without one plain last layer is refused."""
+    import torch
+
+    if temperature == 1.0:
+        return
+    head = getattr(net, "classifier", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise DuoclassError(f"this model's head ({type(head).__name__}) has no single last linear layer to hold the "
+                            f"calibrated temperature {temperature:.4f}; export with --format onnx, or recalibrate "
+                            "with `duoclass calibrate` after training with --calibration none")
+    with torch.no_grad():
+        head.weight.div_(temperature)
+        if head.bias is not None:
+            head.bias.div_(temperature)
+
+
 def _verify(folder: Path, clf: Any, texts: list[str], tf: Any) -> dict[str, Any]:
     """Load `folder` with transformers alone and compare token ids, labels and logits with duoclass on `texts`."""
     import numpy as np
@@ -267,6 +286,7 @@ def _verify(folder: Path, clf: Any, texts: list[str], tf: Any) -> dict[str, Any]
                             "use --format onnx instead")
 
     labels = clf.predict(texts)
+    # the head holds the temperature now (_bake_temperature), in this copy as in the export: both give calibrated logits
     reference = np.concatenate([clf.backend.run(pre.collate([x])) for x in ours])
     with torch.inference_mode():
         single = np.concatenate([model(**tok(t, truncation=True, return_tensors="pt")).logits.float().numpy()
