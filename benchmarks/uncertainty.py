@@ -208,13 +208,67 @@ def cv_part(work: Path, log: list, single_runs: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def _ci(v: Any, iv: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f} [{iv['low']:.4f}, {iv['high']:.4f}]" if iv else f"{v:.4f}"
+
+
+def report(res: dict[str, Any]) -> str:
+    """The Markdown tables of RESULTS.md, from the JSON."""
+    out = []
+    for name, part in res.get("seeds", {}).items():
+        out += [f"**{name}** (`{part['data']}`)", "",
+                "| seed | test accuracy [95% CI] | test ROC AUC [95% CI] | sensitivity | specificity | temperature | "
+                "valid ECE before -> after | test ECE before -> after | test NLL before -> after | test accuracy with T / without |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for seed, r in part["per_seed"].items():
+            t, vc, chk = r["test"], r["valid_calibration"], r["accuracy_check"]
+            out.append(f"| {seed} | {_ci(t['accuracy'], t['accuracy_ci'])} | {_ci(t['roc_auc'], t['roc_auc_ci'])} | "
+                       f"{_ci(t.get('sensitivity'), t.get('sensitivity_ci'))} | {_ci(t.get('specificity'), t.get('specificity_ci'))} | "
+                       f"{t['temperature']:.3f} | {vc['ece_before']:.4f} -> {vc['ece_after']:.4f} | "
+                       f"{t['ece_before']:.4f} -> {t['ece']:.4f} | {t['nll_before']:.4f} -> {t['nll']:.4f} | "
+                       f"{chk['with_temperature']:.4f} / {chk['without_temperature']:.4f} |")
+        st = part["summary_test"]
+        out += ["", "mean ± std over the seeds: " + ", ".join(
+            f"{k} {st[k]['mean']:.4f} ± {st[k]['std']:.4f}" for k in ("accuracy", "roc_auc", "ece") if k in st), ""]
+    if res.get("compress"):
+        out += ["| model | fp32 test ECE (its temperature) | variant | variant temperature (refit) | test ECE, refit | "
+                "test ECE, fp32 temperature kept | within 0.01 of fp32 |", "|---|---|---|---|---|---|---|"]
+        for name, row in res["compress"].items():
+            for k in ("int8", "pruned"):
+                if k in row:
+                    v = row[k]
+                    out.append(f"| {name} | {row['fp32']['ece']:.4f} ({row['fp32']['temperature']:.3f}) | {k} | "
+                               f"{v['temperature']:.3f} | {v['ece']:.4f} | {v['ece_with_fp32_temperature']:.4f} | "
+                               f"{'yes' if v['within_0.01_of_fp32'] else 'no'} |")
+        out.append("")
+    if res.get("conformal"):
+        out += ["| model, alpha | promised coverage | test coverage | mean set size | empty sets | test n | within 2 points |",
+                "|---|---|---|---|---|---|---|"]
+        for name, c in res["conformal"].items():
+            out.append(f"| {name} | {c['target_coverage']:.2f} | {c['coverage']:.4f} | {c['mean_size']:.3f} | "
+                       f"{c['empty']:.3f} | {c['n']} | {'yes' if c['within_2_points'] else 'no'} |")
+        out.append("")
+    if res.get("cv"):
+        cv = res["cv"]
+        out += ["```", *cv["table"], "```", "",
+                f"Cross-validation wall time {cv['wall_s']:.0f} s; five single runs (5 x the median seed run, "
+                f"{cv['single_run_median_s']:.0f} s) {cv['five_single_runs_s']:.0f} s."]
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="seeds,compress,conformal,cv")
     p.add_argument("--only", default="", help="seeds part: only these comma-separated names")
     p.add_argument("--work", default=str(REPO / "runs" / "bench" / "uncertainty"))
     p.add_argument("--out", default=str(REPO / "runs" / "bench" / "uncertainty.json"))
+    p.add_argument("--report", action="store_true", help="print the Markdown tables of --out and stop")
     a = p.parse_args()
+    if a.report:
+        print(report(json.loads(Path(a.out).read_text())))
+        return
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     parts = a.parts.split(",")

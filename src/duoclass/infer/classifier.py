@@ -297,8 +297,8 @@ class Classifier:
         inputs, names, labels, empty, split = self.split_inputs(data, split, text_column, label_column, path_column)
         results = predict_items(pre, self.backend, classes, inputs, batch_size, 1, self.tta, names=names,
                                 rule=self.rule())
-        m = evaluate_results(results, labels, classes, k, f"{data} ('{split}' split)", resamples=resamples, seed=seed,
-                             alpha=(self.conformal or {}).get("alpha"))
+        m = evaluate_results(results, labels, classes, k, f"{data} ('{split}' split)", full=True, resamples=resamples,
+                             seed=seed, alpha=(self.conformal or {}).get("alpha"))
         m["split"] = split
         m["temperature"] = self.temperature
         op = self.config_.get("operating_point")

@@ -179,10 +179,11 @@ def probabilities(results: Sequence[Prediction], n_classes: int) -> np.ndarray:
 
 
 def evaluate_results(results: Sequence[Prediction], labels: Sequence[int], classes: list[str], top_k: int = 5,
-                     where: str = "", resamples: int = 0, seed: int = 0, alpha: float | None = None) -> dict[str, Any]:
-    """Metrics of predictions against labels (class indices); failed inputs are skipped and counted. With
-    `resamples`, also AUC, calibration and intervals (report.metrics.full_metrics); results that carry conformal
-    sets add their coverage (classes in `classes` order)."""
+                     where: str = "", full: bool = False, resamples: int = 0, seed: int = 0,
+                     alpha: float | None = None) -> dict[str, Any]:
+    """Metrics of predictions against labels (class indices); failed inputs are skipped and counted. `full`: also
+    AUC, calibration, risk-coverage and, with `resamples`, intervals (report.metrics.full_metrics); results that
+    carry conformal sets add their coverage (classes in `classes` order)."""
     from duoclass.report.metrics import classification_metrics, full_metrics
 
     kept = [i for i, r in enumerate(results) if r.ok]
@@ -195,7 +196,7 @@ def evaluate_results(results: Sequence[Prediction], labels: Sequence[int], class
         raise DuoclassError(f"{where}: nothing to evaluate: {why}; fix the files or pass another --split")
     probs = np.stack([results[i].probs for i in kept])  # type: ignore[misc]
     y = np.asarray([labels[i] for i in kept], dtype=np.int64)
-    if resamples or any(results[i].set is not None for i in kept):
+    if full or resamples or any(results[i].set is not None for i in kept):
         index = {str(c): j for j, c in enumerate(classes)}
         sets = [[index[c] for c in results[i].set] for i in kept] if results[kept[0]].set is not None else None  # type: ignore[union-attr]
         m = full_metrics(y, probs, [str(c) for c in classes], top_k=top_k, loss=cross_entropy(probs, y),

@@ -187,17 +187,11 @@ def sync_buffers(model: nn.Module, d: Dist) -> None:
             dist.broadcast(b, 0)
 
 
-def evaluate_dataset(model: nn.Module, ds: Any, collate: Callable, cfg: TrainConfig, device: torch.device,
-                     classes: list[str], d: Dist = Dist(), amp: bool = False, tta: bool = False) -> dict[str, Any] | None:
-    """Classification metrics of `model` on a labelled dataset, through the predict path (predict_probs).
-
-    Under torchrun each process predicts every world-th example and rank 0 gathers them, so no
-    process waits long for another; rank 0 gets the metrics, the others None.
-    """
-    part = ds if d.world == 1 else Subset(ds, list(range(d.rank, len(ds), d.world)))
+def _inputs_and_labels(ds: Any, collate: Callable, cfg: TrainConfig) -> tuple[Iterable[dict[str, torch.Tensor]], list]:
+    """(model inputs of `ds` in order, the list their labels are appended to as they are read)."""
     # a generator of its own: iterating a DataLoader draws a seed from it, and drawing from the global one
     # would shift the training randomness (augmentation, dropout) of every later epoch
-    loader = DataLoader(part, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0,
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0,
                         generator=torch.Generator().manual_seed(0))
     ys: list[torch.Tensor] = []
 
@@ -209,7 +203,19 @@ def evaluate_dataset(model: nn.Module, ds: Any, collate: Callable, cfg: TrainCon
             ys.append(y)
             yield x
 
-    probs = predict_probs(TorchBackend(model, device, amp), inputs(), tta)
+    return inputs(), ys
+
+
+def evaluate_dataset(model: nn.Module, ds: Any, collate: Callable, cfg: TrainConfig, device: torch.device,
+                     classes: list[str], d: Dist = Dist(), amp: bool = False, tta: bool = False) -> dict[str, Any] | None:
+    """Classification metrics of `model` on a labelled dataset, through the predict path (predict_probs).
+
+    Under torchrun each process predicts every world-th example and rank 0 gathers them, so no
+    process waits long for another; rank 0 gets the metrics, the others None.
+    """
+    part = ds if d.world == 1 else Subset(ds, list(range(d.rank, len(ds), d.world)))
+    inputs, ys = _inputs_and_labels(part, collate, cfg)
+    probs = predict_probs(TorchBackend(model, device, amp), inputs, tta)
     y = torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64)
     if d.world > 1:  # interleave the shards back into dataset order
         parts = gather((probs, y), d)
@@ -228,19 +234,8 @@ def dataset_views(model: nn.Module, ds: Any, collate: Callable, cfg: TrainConfig
                   tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The logits (V, N, C) of `model` on a labelled dataset, through the predict path (predict_views), and the
     labels (N,); V = 2 with test-time augmentation. One process (the final evaluation runs on rank 0)."""
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=0,
-                        generator=torch.Generator().manual_seed(0))
-    ys: list[torch.Tensor] = []
-
-    def inputs() -> Iterable[dict[str, torch.Tensor]]:
-        for batch in loader:
-            if batch is None:
-                continue
-            x, y = batch
-            ys.append(y)
-            yield x
-
-    views = predict_views(TorchBackend(model, device), inputs(), tta)
+    inputs, ys = _inputs_and_labels(ds, collate, cfg)
+    views = predict_views(TorchBackend(model, device), inputs, tta)
     return views, (torch.cat(ys).numpy() if ys else np.zeros(0, dtype=np.int64))
 
 
