@@ -57,9 +57,10 @@ def read_status(s: socket.socket, timeout: float) -> int | None:
 
 # --- 1. lock-out through the log-in form ---------------------------------------------------------------
 def test_trickling_logins_do_not_lock_the_api_out(model_dirs: list[str]) -> None:
-    """40 log-ins trickling their bodies, on a server with --max-in-flight 16: log-ins have their own small
-    limit (the ones past it get a 429 at once), so API requests with the token still get 200."""
-    with Server(model_dirs, token=TOKEN, max_in_flight=16) as s:
+    """40 log-ins trickling their bodies, on a server with --max-in-flight 8: log-ins have their own small
+    limit (the ones past it get a 429 at once) and take no place among the requests in flight, so API requests
+    with the token still get 200, even though the 8 log-ins held would fill every place."""
+    with Server(model_dirs, token=TOKEN, max_in_flight=8) as s:
         socks = [trickle(s.port, b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-"
                                  b"urlencoded\r\nContent-Length: 4000\r\n\r\nt") for _ in range(40)]
         try:

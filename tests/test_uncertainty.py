@@ -231,6 +231,12 @@ def test_the_folder_schema_refuses_unusable_calibration_records() -> None:
     assert "alpha, score, qhat" in _calibration_records_problem({"conformal": {"alpha": 0.1}})
     for key, value in (("alpha", 1.0), ("alpha", 0), ("score", "lac"), ("qhat", "x"), ("lambda", None), ("k_reg", 0.5)):
         assert "unusable value" in _calibration_records_problem({"conformal": {**good, key: value}}), key
+    op = {"metric": "sensitivity", "target": 0.95, "threshold": 0.3}
+    assert _calibration_records_problem({"classes": ["a", "b"], "operating_point": op}) is None
+    assert "is for two classes; this model has 3" in _calibration_records_problem(
+        {"classes": ["a", "b", "c"], "operating_point": op})
+    for bad in ({**op, "metric": "recall"}, {**op, "threshold": "0.3"}, {**op, "threshold": True}, [0.3]):
+        assert "'operating_point' should be" in _calibration_records_problem({"classes": ["a", "b"], "operating_point": bad})
     assert "'variants.onnx-int8.calibration'" in _calibration_records_problem(
         {"variants": {"onnx-int8": {"path": "m.onnx", "format": "onnx", "calibration": {"temperature": -2}}}})
 
@@ -582,3 +588,34 @@ def test_prune_refits_the_temperature_of_the_pruned_folder(digits: Path, tmp_pat
     assert r["calibration"] == cal and cal["n"] == 359 and cal["previous_temperature"] == pytest.approx(src.temperature)
     assert duoclass.load(tmp_path / "pruned").temperature == pytest.approx(cal["temperature"])
     assert cal["temperature"] != pytest.approx(src.temperature)  # pruning moved the logits; so did the refit
+
+
+def test_the_conformal_threshold_is_the_finite_sample_quantile() -> None:
+    """qhat is the ceil((n + 1)(1 - alpha))-th smallest calibration score (Angelopoulos and Bates), not its
+    neighbour: with 19 examples and alpha 0.1 exactly 18 calibration scores are at or under it."""
+    from duoclass.calibrate.conformal import _class_scores, uniforms
+
+    rng = np.random.default_rng(11)
+    for n, alpha, want in ((19, 0.1, 18), (99, 0.05, 95), (40, 0.2, 33)):
+        p = calibrated(rng.normal(size=(n, 4)) * 2)
+        y = rng.integers(0, 4, n)
+        cp = fit_conformal(p, y, alpha)
+        s = _class_scores(p, uniforms(p), 0.0, 0)[np.arange(n), y]
+        assert want == math.ceil((n + 1) * (1 - alpha))
+        assert int((s <= cp["qhat"]).sum()) == want and cp["qhat"] == np.sort(s)[want - 1]
+
+
+def test_the_operating_point_rule_labels_by_the_threshold_not_the_argmax() -> None:
+    from duoclass.infer.predict import Prediction
+
+    rule = Rule(["normal", "pneumonia"], operating_point={"metric": "sensitivity", "threshold": 0.2})
+    rs = [Prediction("a", probs=np.array([0.7, 0.3])), Prediction("b", probs=np.array([0.9, 0.1])),
+          Prediction("c", probs=np.array([0.8, 0.2]))]
+    rule.apply_all(rs)
+    assert [(r.label, r.score) for r in rs] == [("pneumonia", pytest.approx(0.3)), ("normal", pytest.approx(0.9)),
+                                                ("pneumonia", pytest.approx(0.2))]  # at the threshold: positive
+    high = Rule(["normal", "pneumonia"], operating_point={"metric": "specificity", "threshold": 0.95}, abstain_below=0.6)
+    r = Prediction("d", probs=np.array([0.1, 0.9]))
+    high.apply_all([r])
+    # thresholded to "normal", whose probability (0.1) is under 0.6: abstained, never a class
+    assert r.abstained and r.label == ABSTAINED and r.score == pytest.approx(0.1)
