@@ -400,3 +400,33 @@ def test_websocket_requests_need_the_token(with_token: bool) -> None:
         assert seen == ["websocket"] and sent == [{"type": "websocket.accept"}]
     else:
         assert seen == [] and sent == [{"type": "websocket.close", "code": 1008}]
+
+
+def test_head_strips_the_body_in_the_guard_itself() -> None:
+    """At the ASGI level, whatever server runs the app: HEAD reaches the route as GET and its body is dropped."""
+    import asyncio
+
+    from duoclass.serve.auth import Sessions, _Guard
+    from duoclass.serve.metrics import Metrics
+
+    seen: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        seen.append(scope["method"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    settings = ServeSettings()
+    guard = _Guard(app, settings, Metrics(), Sessions(settings))
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "HEAD", "path": "/healthz", "headers": [(b"host", b"127.0.0.1")]}
+    asyncio.run(guard(scope, receive, send))
+    assert seen == ["GET"] and sent[0]["status"] == 200
+    assert [m["body"] for m in sent if m["type"] == "http.response.body"] == [b""]
