@@ -430,3 +430,16 @@ def test_head_strips_the_body_in_the_guard_itself() -> None:
     asyncio.run(guard(scope, receive, send))
     assert seen == ["GET"] and sent[0]["status"] == 200
     assert [m["body"] for m in sent if m["type"] == "http.response.body"] == [b""]
+
+
+def test_a_32_bit_image_counts_the_float_copy_its_conversion_makes() -> None:
+    """A 4000 x 2000 float TIFF holds 32 MiB of pixels, under the 64 MiB limit, but turning it into 8-bit RGB goes
+    through a float64 copy: about 99 MiB at its peak, so it is refused before decoding."""
+    buf = io.BytesIO()
+    Image.new("F", (4000, 2000)).save(buf, format="TIFF", compression="tiff_deflate")
+    data = buf.getvalue()
+    assert len(data) < 1_000_000
+    assert decode_cost((4000, 2000), "F") > 64 * 2**20 > 4000 * 2000 * 4
+    with pytest.raises(BadImage, match="too costly to decode"):
+        decode_image(data, 40_000_000, size=16, max_bytes=64 * 2**20)
+    decode_image(data, 40_000_000, size=16, max_bytes=128 * 2**20)  # under a larger limit it decodes
