@@ -9,10 +9,12 @@ recorded in the JSON beside their figures. Parts (--parts, all by default):
              (valid 500 rows, the test split whole), the same subset benchmarks/cpu_inference.py uses.
              Per seed: test accuracy and ROC AUC with their 95% intervals, ECE before and after temperature
              scaling, and the test accuracy with the temperature and without (equal by construction; measured).
-  compress   The seed-0 X-ray model: `duoclass quantize` (static int8) and `duoclass prune --amount 0.3`; the seed-0
+  compress   The seed-0 X-ray model: `duoclass quantize` (static int8), `duoclass prune --amount 0.3` and the same with
+             `--finetune 2` (a training run, which fits its own temperature); the seed-0
              MiniLM: `duoclass quantize` (dynamic int8). Each variant's test ECE with its refit temperature, with the
              fp32 model's temperature kept, and the fp32 model's calibrated test ECE.
-  conformal  `duoclass calibrate --conformal ALPHA` (valid halved: temperature, then sets) at 0.1 and 0.05 on the
+  conformal  `duoclass calibrate --conformal ALPHA [--conformal-by-class]` (valid halved: temperature, then sets) at
+             0.1 and 0.05, marginal and class-conditional, on the
              seed-0 X-ray model and on tfidf-mlp trained on thucnews_titles (10 classes): test coverage, mean set size.
   cv         PneumoniaMNIST `duoclass train --folds 5`: per fold and mean ± std, wall time against five single runs
              (the seeds part's median run time x 5).
@@ -161,7 +163,10 @@ def compress_part(work: Path, log: list) -> dict[str, Any]:
             pruned = work / f"{name}-pruned"
             cli("prune", str(model), "--amount", "0.3", "--output", str(pruned), "--json", log=log)
             row["pruned"] = variant_ece(str(pruned), data, "torch", fp32.temperature)
-        for k in ("int8", "pruned"):
+            tuned = work / f"{name}-pruned-finetuned"  # the prune recipe users run: fine-tuned 2 epochs
+            cli("prune", str(model), "--amount", "0.3", "--finetune", "2", "--output", str(tuned), "--json", log=log)
+            row["pruned-finetuned"] = variant_ece(str(tuned / "model"), data, "torch", fp32.temperature)
+        for k in ("int8", "pruned", "pruned-finetuned"):
             if k in row:
                 row[k]["within_0.01_of_fp32"] = abs(row[k]["ece"] - row["fp32"]["ece"]) <= 0.01
         out[name] = row
@@ -183,13 +188,24 @@ def conformal_part(work: Path, log: list) -> dict[str, Any]:
         if not model.is_dir():
             continue
         for alpha in (0.1, 0.05):
-            copy = work / f"{name}-conformal-{alpha}"
-            cli("calibrate", str(model), str(data), "--conformal", str(alpha), "--output", str(copy), "--json", log=log)
-            m = duoclass.load(copy).evaluate(data, split="test", resamples=0)
-            out[f"{name} alpha {alpha}"] = {**m["conformal"], "n": m["n"], "accuracy": m["accuracy"],
-                                            "classes": len(m["classes"]),
-                                            "within_2_points": abs(m["conformal"]["coverage"] - (1 - alpha)) <= 0.02}
-            print(f"{name} alpha {alpha}: {out[f'{name} alpha {alpha}']}", flush=True)
+            for by_class in (False, True):
+                tag = f"{name} alpha {alpha}" + (" by class" if by_class else "")
+                copy = work / f"{name}-conformal-{alpha}" if not by_class else work / f"{name}-conformal-{alpha}-by-class"
+                cli("calibrate", str(model), str(data), "--conformal", str(alpha), "--output", str(copy), "--json",
+                    *(["--conformal-by-class"] if by_class else []), log=log)
+                m = duoclass.load(copy).evaluate(data, split="test", resamples=0)
+                per_class = {}
+                if by_class or len(m["classes"]) == 2:
+                    clf = duoclass.load(copy)
+                    inputs, _, labels, _, _ = clf.split_inputs(data, "test")
+                    res = clf.predict_results(inputs)
+                    for c in clf.classes_.tolist():
+                        rows = [r for r, y in zip(res, labels) if clf.classes_[y] == c and r.set is not None]
+                        per_class[c] = sum(c in r.set for r in rows) / max(1, len(rows))
+                out[tag] = {**m["conformal"], "n": m["n"], "accuracy": m["accuracy"], "classes": len(m["classes"]),
+                            "by_class": by_class, "coverage_per_class": per_class,
+                            "within_2_points": abs(m["conformal"]["coverage"] - (1 - alpha)) <= 0.02}
+                print(f"{tag}: {out[tag]}", flush=True)
     return out
 
 
@@ -233,21 +249,24 @@ def report(res: dict[str, Any]) -> str:
         out += ["", "mean ± std over the seeds: " + ", ".join(
             f"{k} {st[k]['mean']:.4f} ± {st[k]['std']:.4f}" for k in ("accuracy", "roc_auc", "ece") if k in st), ""]
     if res.get("compress"):
-        out += ["| model | fp32 test ECE (its temperature) | variant | variant temperature (refit) | test ECE, refit | "
-                "test ECE, fp32 temperature kept | within 0.01 of fp32 |", "|---|---|---|---|---|---|---|"]
+        out += ["| model | fp32 test ECE (its temperature) | fp32 test accuracy | variant | variant test accuracy | "
+                "variant temperature (refit) | test ECE, refit | test ECE, fp32 temperature kept | within 0.01 of fp32 |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for name, row in res["compress"].items():
-            for k in ("int8", "pruned"):
+            for k in ("int8", "pruned", "pruned-finetuned"):
                 if k in row:
                     v = row[k]
-                    out.append(f"| {name} | {row['fp32']['ece']:.4f} ({row['fp32']['temperature']:.3f}) | {k} | "
+                    out.append(f"| {name} | {row['fp32']['ece']:.4f} ({row['fp32']['temperature']:.3f}) | "
+                               f"{row['fp32']['accuracy']:.4f} | {k} | {v['accuracy']:.4f} | "
                                f"{v['temperature']:.3f} | {v['ece']:.4f} | {v['ece_with_fp32_temperature']:.4f} | "
                                f"{'yes' if v['within_0.01_of_fp32'] else 'no'} |")
         out.append("")
     if res.get("conformal"):
-        out += ["| model, alpha | promised coverage | test coverage | mean set size | empty sets | test n | within 2 points |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["| model, alpha | promised coverage | test coverage | per class | mean set size | empty sets | test n | "
+                "within 2 points |", "|---|---|---|---|---|---|---|---|"]
         for name, c in res["conformal"].items():
-            out.append(f"| {name} | {c['target_coverage']:.2f} | {c['coverage']:.4f} | {c['mean_size']:.3f} | "
+            per = ", ".join(f"{k} {v:.3f}" for k, v in c.get("coverage_per_class", {}).items()) or "-"
+            out.append(f"| {name} | {c['target_coverage']:.2f} | {c['coverage']:.4f} | {per} | {c['mean_size']:.3f} | "
                        f"{c['empty']:.3f} | {c['n']} | {'yes' if c['within_2_points'] else 'no'} |")
         out.append("")
     if res.get("cv"):

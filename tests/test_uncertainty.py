@@ -619,3 +619,31 @@ def test_the_operating_point_rule_labels_by_the_threshold_not_the_argmax() -> No
     high.apply_all([r])
     # thresholded to "normal", whose probability (0.1) is under 0.6: abstained, never a class
     assert r.abstained and r.label == ABSTAINED and r.score == pytest.approx(0.1)
+
+
+def test_class_conditional_sets_keep_their_coverage_when_the_class_mix_changes() -> None:
+    """Calibrated on data with 75% of class 0, tested on data with 40%: marginal sets miss their promise for the
+    hard class, so on the new mix they under-cover; class-conditional sets hold 1 - alpha for every class."""
+    rng = np.random.default_rng(5)
+
+    def draw(n: int, share0: float) -> tuple[np.ndarray, np.ndarray]:
+        y = (rng.random(n) > share0).astype(int)
+        z = np.stack([np.zeros(n), rng.normal(np.where(y == 1, 0.6, -1.6), 1.5)], axis=1)  # class 1 is the hard one
+        return calibrated(z), y
+
+    marginal, by_class = [], []
+    for _ in range(100):
+        pc, yc = draw(800, 0.75)
+        pt, yt = draw(800, 0.4)
+        for fit, out in ((fit_conformal(pc, yc, 0.1), marginal), (fit_conformal(pc, yc, 0.1, by_class=True), by_class)):
+            sets = prediction_sets(pt, fit)
+            out.append([np.mean([c in s for s, t in zip(sets, yt) if t == c]) for c in (0, 1)] +
+                       [coverage(sets, yt)["coverage"]])
+    m, b = np.mean(marginal, axis=0), np.mean(by_class, axis=0)
+    assert m[1] < 0.86 and m[2] < 0.88  # the marginal promise breaks on the new mix
+    assert all(abs(v - 0.9) < 0.02 for v in b), b  # per class and overall
+    cp = fit_conformal(*draw(200, 0.75), 0.1, by_class=True)
+    assert len(cp["qhat_by_class"]) == 2 and cp["qhat"] == max(cp["qhat_by_class"])
+    with pytest.raises(DuoclassError, match="of class 1 are too few"):
+        p, y = draw(60, 0.97)
+        fit_conformal(p, y, 0.05, by_class=True)

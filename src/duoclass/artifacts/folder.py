@@ -214,6 +214,9 @@ def _calibration_records_problem(cfg: dict[str, Any]) -> str | None:
         if not (num(cp["alpha"]) and 0 < cp["alpha"] < 1) or cp["score"] not in ("aps", "raps") or not num(cp["qhat"]) \
                 or not num(cp["lambda"]) or not isinstance(cp["k_reg"], int):
             return f"'conformal' has an unusable value ({cp!r}); refit it with `duoclass calibrate`"
+        by = cp.get("qhat_by_class")
+        if by is not None and (not isinstance(by, list) or len(by) != len(cfg.get("classes", [])) or not all(num(q) for q in by)):
+            return "'conformal.qhat_by_class' should be one number per class; refit it with `duoclass calibrate`"
     op = cfg.get("operating_point")
     if op is not None:
         ok = _obj(op) and op.get("metric") in ("sensitivity", "specificity") and \

@@ -48,9 +48,28 @@ def _class_scores(probs: np.ndarray, u: np.ndarray, lam: float, k_reg: int) -> n
     return out
 
 
-def fit_conformal(probs: Any, y: Any, alpha: float, score: str = "aps", k_reg: int | None = None) -> dict[str, Any]:
+def _quantile(s: np.ndarray, alpha: float, what: str) -> float:
+    """The ceil((n + 1)(1 - alpha))-th smallest of the n scores `s`."""
+    from duoclass.errors import DuoclassError
+
+    n = len(s)
+    need = math.ceil((n + 1) * (1 - alpha))
+    if need > n:
+        raise DuoclassError(f"--conformal {alpha}: {n} calibration examples{what} are too few for {1 - alpha:.0%} "
+                            f"coverage (at least {math.ceil(1 / alpha) - 1} are needed); use a larger ALPHA or more "
+                            "validation data")
+    return float(np.sort(s)[need - 1])
+
+
+def fit_conformal(probs: Any, y: Any, alpha: float, score: str = "aps", k_reg: int | None = None,
+                  by_class: bool = False) -> dict[str, Any]:
     """The conformal threshold for coverage 1 - alpha, from calibration probabilities and labels. For RAPS, k_reg
-    (the rank past which the penalty applies) defaults to the (1 - alpha) quantile of the true class's rank."""
+    (the rank past which the penalty applies) defaults to the (1 - alpha) quantile of the true class's rank.
+
+    by_class: one threshold per class, each from that class's calibration examples alone (Mondrian, or
+    class-conditional, conformal prediction; Vovk et al. 2005). Coverage then holds for every class on its own,
+    so it holds whatever the class mix of the data predicted, which the marginal guarantee does not promise when
+    the mix differs from the calibration data's."""
     from duoclass.errors import DuoclassError
 
     if score not in SCORES:
@@ -60,18 +79,24 @@ def fit_conformal(probs: Any, y: Any, alpha: float, score: str = "aps", k_reg: i
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
     n = len(y)
-    need = math.ceil((n + 1) * (1 - alpha))
-    if need > n:
-        raise DuoclassError(f"--conformal {alpha}: {n} calibration examples are too few for {1 - alpha:.0%} coverage "
-                            f"(at least {math.ceil(1 / alpha) - 1} are needed); use a larger ALPHA or more validation data")
     lam = RAPS_LAMBDA if score == "raps" else 0.0
     if score == "raps" and k_reg is None:
         ranks = (p > p[np.arange(n), y][:, None]).sum(axis=1) + 1
         k_reg = int(np.quantile(ranks, 1 - alpha, method="higher"))
     k_reg = int(k_reg or 0)
     s = _class_scores(p, uniforms(p), lam, k_reg)[np.arange(n), y]
-    qhat = float(np.sort(s)[need - 1])
-    return {"alpha": float(alpha), "score": score, "qhat": qhat, "lambda": lam, "k_reg": k_reg, "n": int(n)}
+    out = {"alpha": float(alpha), "score": score, "qhat": _quantile(s, alpha, ""), "lambda": lam, "k_reg": k_reg,
+           "n": int(n)} if not by_class else {"alpha": float(alpha), "score": score, "lambda": lam, "k_reg": k_reg,
+                                              "n": int(n)}
+    if by_class:
+        present = set(np.unique(y).tolist())
+        missing = [c for c in range(p.shape[1]) if c not in present]
+        if missing:
+            raise DuoclassError(f"--conformal-by-class: class {missing[0]} has no calibration example; it needs "
+                                "labelled held-out examples of every class")
+        out["qhat_by_class"] = [_quantile(s[y == c], alpha, f" of class {c}") for c in range(p.shape[1])]
+        out["qhat"] = max(out["qhat_by_class"])  # the loosest, for a reader that knows only one threshold
+    return out
 
 
 def prediction_sets(probs: Any, cp: dict[str, Any]) -> list[list[int]]:
@@ -80,7 +105,8 @@ def prediction_sets(probs: Any, cp: dict[str, Any]) -> list[list[int]]:
     if not len(p):
         return []
     s = _class_scores(p, uniforms(p), cp["lambda"], cp["k_reg"])
-    inside = s <= cp["qhat"]
+    qhat = np.asarray(cp["qhat_by_class"])[None, :] if cp.get("qhat_by_class") is not None else cp["qhat"]
+    inside = s <= qhat
     order = np.argsort(-p, axis=1, kind="stable")
     return [[int(c) for c in row if keep[c]] for row, keep in zip(order, inside)]
 

@@ -29,7 +29,8 @@ def halves(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_calibration(views: Any, y: Any, method: str = "temperature", conformal: float | None = None,
-                    score: str = "aps", seed: int = 0, where: str = "valid") -> tuple[dict[str, Any], dict[str, Any] | None]:
+                    score: str = "aps", seed: int = 0, where: str = "valid",
+                    by_class: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The calibration and conformal records of a model from its logits `views` (V, N, C) on labelled data `y`."""
     from duoclass.report.metrics import calibration_metrics
 
@@ -48,6 +49,6 @@ def fit_calibration(views: Any, y: Any, method: str = "temperature", conformal: 
     if conformal is not None:
         from duoclass.calibrate.conformal import fit_conformal
 
-        cp = fit_conformal(calibrated(v[:, c_idx], t), y[c_idx], conformal, score)
+        cp = fit_conformal(calibrated(v[:, c_idx], t), y[c_idx], conformal, score, by_class=by_class)
         cp["fitted_on"] = f"{where} (the other half, seed {seed})"
     return cal, cp

@@ -215,7 +215,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
 
     r = calibrate_model_folder(ns.model_dir, ns.data, ns.split, backend=ns.backend, conformal=ns.conformal,
                                score=ns.conformal_score, seed=ns.seed, output=ns.output, batch_size=ns.batch_size,
-                               device=ns.device)
+                               device=ns.device, by_class=ns.conformal_by_class)
     if ns.json:
         print(json.dumps(r))
         return 0
@@ -545,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--conformal", type=float, default=None, metavar="ALPHA",
                     help="also fit conformal prediction sets with coverage 1 - ALPHA (the split is halved)")
     ca.add_argument("--conformal-score", default="aps", choices=["aps", "raps"])
+    ca.add_argument("--conformal-by-class", action="store_true",
+                    help="one threshold per class: coverage for every class, whatever the class mix predicted")
     ca.add_argument("--seed", type=int, default=None, help="seed of the halving (default: the training run's)")
     ca.add_argument("--output", default=None, metavar="DIR", help="write a copy of the folder there instead")
     ca.add_argument("--batch-size", type=int, default=64)

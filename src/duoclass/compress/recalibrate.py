@@ -36,7 +36,7 @@ def calibrate_model_folder(model_dir: str | Path, data: str | Path | None = None
                            backend: str = "torch", conformal: float | None = None, score: str = "aps",
                            seed: int | None = None, output: str | Path | None = None,
                            batch_size: int = 64, device: str = "auto",
-                           previous_temperature: float | None = None) -> dict[str, Any]:
+                           previous_temperature: float | None = None, by_class: bool = False) -> dict[str, Any]:
     """Refit the temperature of `backend`'s logits (the weights for "torch", else that variant) on `split` of
     `data` (default: the data config.json records); with `conformal` ALPHA, also the conformal sets (the split
     is then halved, as in training). Writes the folder (or `output`) and returns the report. `previous_temperature`:
@@ -59,7 +59,8 @@ def calibrate_model_folder(model_dir: str | Path, data: str | Path | None = None
                             "held-out examples (pass --split NAME or another DATA)")
     variant = cfg.get("variants", {}).get(backend) if backend != "torch" else None
     old_t = temperature_of(cfg, variant) if previous_temperature is None else previous_temperature
-    cal, cp = fit_calibration(views, y, "temperature", conformal, score, seed, where=f"{src} ({split})")
+    cal, cp = fit_calibration(views, y, "temperature", conformal, score, seed, where=f"{src} ({split})",
+                              by_class=by_class)
     cal["previous_temperature"] = old_t
     cal["ece_with_previous_temperature"] = calibration_metrics(y, calibrated(views, old_t))["ece"]
     if backend == "torch":

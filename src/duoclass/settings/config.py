@@ -202,6 +202,9 @@ class TrainConfig:
         None, "two classes: sensitivity=0.95 or specificity=0.95: the decision threshold on the second class's "
         "calibrated probability that reaches this on the valid split; the model folder records it, predict and serve "
         "label by it, and the report gives test sensitivity and specificity at it", group="evaluation")
+    conformal_by_class: bool = _f(
+        False, "with --conformal: one threshold per class (class-conditional conformal): the coverage holds for "
+        "every class, so also when the class mix of the data predicted differs from valid's", group="evaluation")
     folds: int = _f(0, "K-fold cross-validation: train and valid pooled and split into K stratified parts, one run "
                     "per part (OUTPUT/fold-N) validating on it, the test split untouched; then OUTPUT/summary.json "
                     "(0 = one run)", group="evaluation")

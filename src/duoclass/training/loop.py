@@ -490,7 +490,7 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
     tta = bool(folder_cfg.get("evaluation", {}).get("tta", False))
     v_views, v_y = dataset_views(saved, data.valid, data.collate, cfg, device, tta)
     calibration, conformal = fit_calibration(v_views, v_y, cfg.calibration, cfg.conformal, cfg.conformal_score,
-                                             cfg.seed)
+                                             cfg.seed, by_class=cfg.conformal_by_class)
     temperature = calibration["temperature"]
     operating = None
     if cfg.operating_point:
