@@ -443,3 +443,25 @@ def test_a_32_bit_image_counts_the_float_copy_its_conversion_makes() -> None:
     with pytest.raises(BadImage, match="too costly to decode"):
         decode_image(data, 40_000_000, size=16, max_bytes=64 * 2**20)
     decode_image(data, 40_000_000, size=16, max_bytes=128 * 2**20)  # under a larger limit it decodes
+
+
+def test_places_reserved_for_items_being_decoded_count_as_waiting(text_clf: duoclass.Classifier) -> None:
+    """Admission counts the places of requests still tokenizing or decoding, not only the queued items: two
+    requests admitted at once can never hold more than --max-queue places between them."""
+    import asyncio
+
+    from duoclass.serve.batcher import ModelWorker
+    from duoclass.serve.metrics import Metrics
+    from duoclass.serve.requests import RequestError
+
+    async def admit() -> None:
+        w = ModelWorker("t", text_clf, Path(text_clf.folder), ServeSettings(max_queue=4, max_items=4), Metrics())
+        w.reserve(3)  # a request whose 3 texts are being tokenized, none queued yet
+        with pytest.raises(RequestError) as e:
+            w.reserve(2)
+        assert e.value.status == 429 and "3 items are waiting" in e.value.message
+        w.reserve(1)  # exactly the limit is fine
+        w.release(4)
+        w.reserve(4)
+
+    asyncio.run(admit())
