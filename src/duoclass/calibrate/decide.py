@@ -22,22 +22,6 @@ from duoclass.errors import DuoclassError
 ABSTAINED = "abstained"
 
 
-OPERATING_METRICS = ("sensitivity", "specificity")
-
-
-def parse_operating_point(text: str) -> tuple[str, float]:
-    """("sensitivity" | "specificity", target) from "sensitivity=0.95"; ValueError with the fix otherwise."""
-    name, eq, value = str(text).partition("=")
-    try:
-        target = float(value)
-    except ValueError:
-        target = float("nan")
-    if not eq or name.strip() not in OPERATING_METRICS or not 0 < target < 1:
-        raise ValueError(f"got {text!r}; give sensitivity=P or specificity=P with P between 0 and 1, e.g. "
-                         "sensitivity=0.95")
-    return name.strip(), target
-
-
 def choose_threshold(p_positive: Any, y: Any, metric: str, target: float) -> float:
     """The threshold t on the positive class's probability (label positive when p >= t) that reaches `target`
     `metric` on these labelled examples, keeping the other figure as high as it can: for sensitivity the largest

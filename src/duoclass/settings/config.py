@@ -50,6 +50,22 @@ GROUPS: dict[str, str] = {
 REMOVED: dict[str, str] = {"log_every": "nothing read it; the training loss is logged per epoch"}
 
 
+OPERATING_METRICS = ("sensitivity", "specificity")
+
+
+def parse_operating_point(text: str) -> tuple[str, float]:
+    """("sensitivity" | "specificity", target) from "sensitivity=0.95"; ValueError with the fix otherwise."""
+    name, eq, value = str(text).partition("=")
+    try:
+        target = float(value)
+    except ValueError:
+        target = float("nan")
+    if not eq or name.strip() not in OPERATING_METRICS or not 0 < target < 1:
+        raise ValueError(f"got {text!r}; give sensitivity=P or specificity=P with P between 0 and 1, e.g. "
+                         "sensitivity=0.95")
+    return name.strip(), target
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -330,8 +346,6 @@ class TrainConfig:
         if self.conformal is not None and not 0 < self.conformal < 1:
             bad("conformal", f"got {self.conformal}; ALPHA is the miss rate allowed, between 0 and 1, e.g. 0.1")
         if self.operating_point is not None:
-            from duoclass.calibrate.decide import parse_operating_point
-
             try:
                 parse_operating_point(self.operating_point)
             except ValueError as e:

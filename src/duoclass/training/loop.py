@@ -494,7 +494,8 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
     temperature = calibration["temperature"]
     operating = None
     if cfg.operating_point:
-        from duoclass.calibrate.decide import choose_threshold, parse_operating_point
+        from duoclass.calibrate.decide import choose_threshold
+        from duoclass.settings.config import parse_operating_point
 
         metric, target = parse_operating_point(cfg.operating_point)
         operating = {"metric": metric, "target": target, "positive": data.classes[1],
