@@ -647,3 +647,14 @@ def test_class_conditional_sets_keep_their_coverage_when_the_class_mix_changes()
     with pytest.raises(DuoclassError, match="of class 1 are too few"):
         p, y = draw(60, 0.97)
         fit_conformal(p, y, 0.05, by_class=True)
+
+
+def test_a_probability_equal_to_the_abstention_threshold_is_answered() -> None:
+    """'Under P' abstains; exactly P is answered (the boundary, as documented)."""
+    from duoclass.infer.predict import Prediction
+
+    at, under = Prediction("at", probs=np.array([0.25, 0.75])), Prediction("under", probs=np.array([0.2501, 0.7499]))
+    for r in (at, under):
+        r.label, r.score = "b", float(r.probs.max())
+    Rule(["a", "b"], abstain_below=0.75).apply_all([at, under])
+    assert (at.abstained, at.label) == (False, "b") and (under.abstained, under.label) == (True, ABSTAINED)
