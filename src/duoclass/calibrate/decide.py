@@ -31,11 +31,12 @@ def choose_threshold(p_positive: Any, y: Any, metric: str, target: float) -> flo
     pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
     if not len(pos) or not len(neg):
         raise DuoclassError("--operating-point: the valid split needs examples of both classes to choose a threshold")
-    if metric == "sensitivity":  # at least ceil(target * P) positives at or above t
-        k = int(np.ceil(target * len(pos) - 1e-9))
-        return float(pos[len(pos) - k]) if k > 0 else float(np.nextafter(pos[-1], np.inf))
-    k = int(np.ceil(target * len(neg) - 1e-9))  # at least k negatives strictly below t
-    return float(np.nextafter(neg[k - 1], np.inf)) if k > 0 else float(neg[0])
+    # 0 < target < 1 (settings check it) and both classes are present, so k >= 1 below
+    if metric == "sensitivity":  # at least k = ceil(target * P) positives at or above t
+        k = max(1, int(np.ceil(target * len(pos) - 1e-9)))
+        return float(pos[len(pos) - k])
+    k = max(1, int(np.ceil(target * len(neg) - 1e-9)))  # at least k negatives strictly below t
+    return float(np.nextafter(neg[k - 1], np.inf))
 
 
 @dataclass
