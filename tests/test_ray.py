@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -180,3 +181,20 @@ def test_ray_on_the_onnx_backend(local_ray: Any, text_model: duoclass.Classifier
     predict_to_csv(local, texts_csv, tmp_path / "local.csv", top_k=2)
     predict_to_csv_ray(folder, texts_csv, tmp_path / "ray.csv", workers=2, top_k=2, backend="onnx")
     assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
+
+
+def test_conformal_sets_and_abstentions_on_ray_equal_local(local_ray: Any, text_model: duoclass.Classifier,
+                                                           texts_csv: Path, tmp_path: Path) -> None:
+    """The set and abstained columns come from the workers, and the file is still the local one, byte for byte."""
+    from duoclass.compress.recalibrate import calibrate_model_folder
+
+    calibrate_model_folder(text_model.folder, conformal=0.2, output=tmp_path / "cp")  # the toy's valid split
+    clf = duoclass.load(tmp_path / "cp")
+    texts = [r["text"] for r in csv.DictReader(texts_csv.open(encoding="utf-8"))]
+    p = round(float(np.median(clf.predict_proba(texts).max(axis=1))), 3)  # about half abstain
+    local, on_ray = both(clf, texts_csv, tmp_path, top_k=2, batch_size=8, abstain_below=p)
+    assert on_ray == local
+    rows = list(csv.DictReader(local.splitlines()))
+    assert list(rows[0]) == ["id", "label", "probability", "top_k", "set", "abstained", "error", "warning"]
+    assert {r["abstained"] for r in rows} == {"true", "false"}
+    assert all((r["label"] == "abstained") == (r["abstained"] == "true") for r in rows)
