@@ -14,13 +14,14 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
                              recall_score, roc_auc_score)
 
 import duoclass
-from duoclass.calibrate.conformal import coverage, fit_conformal, prediction_sets
+from duoclass.calibrate.conformal import fit_conformal, prediction_sets
 from duoclass.calibrate.decide import ABSTAINED, Rule
 from duoclass.calibrate.fit import fit_calibration, halves
 from duoclass.calibrate.temperature import calibrated, fit_temperature
 from duoclass.errors import DuoclassError
 from duoclass.report.intervals import bootstrap_intervals, fast_metrics
 from duoclass.report.metrics import calibration_metrics, ranking_metrics, risk_coverage
+from duoclass.report.metrics import set_coverage as coverage
 
 from .conftest import run_cli
 

@@ -110,11 +110,3 @@ def prediction_sets(probs: Any, cp: dict[str, Any]) -> list[list[int]]:
     order = np.argsort(-p, axis=1, kind="stable")
     return [[int(c) for c in row if keep[c]] for row, keep in zip(order, inside)]
 
-
-def coverage(sets: list[list[int]], y: Any) -> dict[str, float]:
-    """Empirical coverage (the share of sets holding the true class), mean set size, and the share of empty sets."""
-    y = np.asarray(y, dtype=np.int64)
-    if not len(sets):
-        return {"coverage": float("nan"), "mean_size": float("nan"), "empty": float("nan")}
-    return {"coverage": float(np.mean([int(t) in s for s, t in zip(sets, y)])),
-            "mean_size": float(np.mean([len(s) for s in sets])), "empty": float(np.mean([not s for s in sets]))}

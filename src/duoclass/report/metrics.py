@@ -195,13 +195,19 @@ def full_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], top_
         if resamples:
             m["intervals"] = bootstrap_intervals(y_true, probs, len(classes), resamples=resamples, seed=seed)
     if sets is not None:
-        import numpy as np
-
         m["conformal"] = {"alpha": alpha, "target_coverage": None if alpha is None else 1 - alpha,
-                          "coverage": float(np.mean([int(t) in s for s, t in zip(sets, y_true)])) if sets else None,
-                          "mean_size": float(np.mean([len(s) for s in sets])) if sets else None,
-                          "empty": float(np.mean([not s for s in sets])) if sets else None}
+                          **set_coverage(sets, y_true)}
     return m
+
+
+def set_coverage(sets: list[list[int]], y_true: Any) -> dict[str, float | None]:
+    """Of prediction sets (class indices): the share holding the true class, their mean size, the share empty."""
+    import numpy as np
+
+    if not len(sets):
+        return {"coverage": None, "mean_size": None, "empty": None}
+    return {"coverage": float(np.mean([int(t) in s for s, t in zip(sets, y_true)])),
+            "mean_size": float(np.mean([len(s) for s in sets])), "empty": float(np.mean([not s for s in sets]))}
 
 
 ABSTAIN_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)

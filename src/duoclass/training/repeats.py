@@ -37,8 +37,7 @@ def plan(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
 def _figures(split: dict[str, Any] | None, metric: str) -> dict[str, Any]:
     if not split:
         return {}
-    keys = [*SHOWN, metric] + (["ece"] if "calibration" in split else [])
-    out = {k: split.get(k) for k in keys if k != "ece"}
+    out = {k: split.get(k) for k in (*SHOWN, metric)}
     if "calibration" in split:
         out["ece"] = split["calibration"].get("ece")
     return out
