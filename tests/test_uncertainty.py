@@ -659,3 +659,74 @@ def test_a_probability_equal_to_the_abstention_threshold_is_answered() -> None:
         r.label, r.score = "b", float(r.probs.max())
     Rule(["a", "b"], abstain_below=0.75).apply_all([at, under])
     assert (at.abstained, at.label) == (False, "b") and (under.abstained, under.label) == (True, ABSTAINED)
+
+
+# --- refusals not driven elsewhere --------------------------------------------------------------------------------
+def test_a_head_that_cannot_hold_the_temperature_is_refused_by_the_transformers_export() -> None:
+    import torch
+
+    from duoclass.compress.transformers import _bake_temperature
+
+    class Net(torch.nn.Module):
+        def __init__(self, head: torch.nn.Module):
+            super().__init__()
+            self.classifier = head
+
+    plain = Net(torch.nn.Linear(4, 2))
+    w, b = plain.classifier.weight.detach().clone(), plain.classifier.bias.detach().clone()
+    _bake_temperature(plain, 2.0)
+    assert torch.allclose(plain.classifier.weight, w / 2) and torch.allclose(plain.classifier.bias, b / 2)
+    _bake_temperature(plain, 1.0)  # nothing to bake
+    assert torch.allclose(plain.classifier.weight, w / 2)
+    with pytest.raises(DuoclassError, match="no single last linear layer to hold the calibrated temperature"):
+        _bake_temperature(Net(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))), 0.5)
+
+
+def test_class_conditional_sets_need_every_class_in_the_calibration_data() -> None:
+    p = calibrated(np.random.default_rng(0).normal(size=(40, 3)))
+    with pytest.raises(DuoclassError, match="class 2 has no calibration example"):
+        fit_conformal(p, np.array([0, 1] * 20), 0.2, by_class=True)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--conformal", "1.5"], "--conformal: got 1.5; ALPHA is the miss rate allowed"),
+    (["--bootstrap", "-1"], "--bootstrap: got -1; the number of resamples must be >= 0"),
+])
+def test_calibration_settings_are_refused_clearly(args: list[str], message: str, tmp_path: Path) -> None:
+    r = run_cli("train", str(tmp_path), *args)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_serve_refuses_an_abstention_threshold_that_is_not_a_probability() -> None:
+    from duoclass.serve.settings import ServeSettings
+
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(DuoclassError, match="--abstain-below: got"):
+            ServeSettings(abstain_below=bad)
+    assert ServeSettings(abstain_below=1.0).abstain_below == 1.0
+
+
+def test_only_calibration_records_can_be_set_in_a_folder(conformal_run: duoclass.Classifier, tmp_path: Path) -> None:
+    from duoclass.artifacts.folder import update_model_folder
+
+    with pytest.raises(DuoclassError, match="cannot set 'classes' in config.json"):
+        update_model_folder(conformal_run.folder, settings={"classes": ["x", "y"]}, output=tmp_path / "c")
+    out = update_model_folder(conformal_run.folder, settings={"conformal": None}, output=tmp_path / "c")
+    assert duoclass.load(out).conformal is None  # None removes the record: predictions carry no set
+
+
+def test_calibrate_refuses_too_little_data_and_conformal_sets_on_a_variant(toy_text_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from duoclass.compress.quantize import quantize_model_folder
+    from duoclass.compress.recalibrate import calibrate_model_folder
+
+    folder = tmp_path / "q"
+    shutil.copytree(toy_text_model, folder)
+    quantize_model_folder(folder, method="dynamic", force=True)
+    with pytest.raises(DuoclassError, match="the conformal sets are the folder's"):
+        calibrate_model_folder(folder, backend="onnx-int8", conformal=0.2)
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\na wonderful story,pos\n", encoding="utf-8")
+    with pytest.raises(DuoclassError, match="usable examples; calibration needs labelled held-out examples"):
+        calibrate_model_folder(folder, one)
