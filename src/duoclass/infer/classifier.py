@@ -334,6 +334,19 @@ class Classifier:
                                         "balanced_accuracy": r["balanced_accuracy"]})
         return m
 
+    # --- explanations -------------------------------------------------------------------------
+    def explain(self, inputs: Any, method: str = "auto", target: str | None = None, steps: int = 32,
+                batch_size: int = 64) -> Any:
+        """Why each input got its label: an Explanations list (one Explanation per input, in order, with
+        `attributions`, `label`, `target`, `score`, or its `error`) with `.save(folder)` (PNG overlays, HTML pages,
+        explanations.json). method: "auto", "gradcam", "gradcam++", "ig" or "occlusion" (the only one the onnx
+        backends have); target: the class to explain (default: each input's predicted label). See infer/explain.py."""
+        from duoclass.infer.explain import explain_items
+
+        self._check()
+        items, _ = _as_list(inputs)
+        return explain_items(self, items, method, target, steps=steps, batch_size=batch_size)
+
     # --- robustness (image models) ------------------------------------------------------------
     def evaluate_robust(self, data: str | Path, split: str = "test", attack: str = "pgd",
                         eps: str | float | Sequence[str | float] = "8/255", steps: int | None = None,

@@ -75,6 +75,12 @@ def ngram_ids(text: str, buckets: int, max_features: int, lowercase: bool = True
     return [zlib.crc32(f.encode("utf-8")) % (buckets - 1) + 1 for f in ngram_features(text, lowercase)[:max_features]]
 
 
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """The (start, end) character spans of the words of `text` as ngram_features sees them (a CJK character, a run
+    of letters or digits, one punctuation mark): the units leave-one-word-out occlusion removes."""
+    return [m.span() for m in _WORD.finditer(text)]
+
+
 def count_words(text: str) -> int:
     """Words as ngram_features sees them (a CJK character is a word)."""
     return len(_WORD.findall(text))
