@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/python -m pip install --quiet torch torchvision
-	$(BIN)/python -m pip install --quiet -e ".[text,tune,tensorboard,onnx,serve,ray,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[text,tune,tensorboard,onnx,serve,ray,explain,dev]"
 	# AutoAttack and the reference attacks; every torchattacks release pins an old requests it never imports
 	$(BIN)/python -m pip install --quiet --no-deps "torchattacks==3.5.1"
 	touch $(STAMP)

@@ -6,6 +6,7 @@
     duoclass certify runs/x/model DATA --sigma 0.25 --n 1000 --output certify.csv
     duoclass predict runs/x/model INPUT --output predictions.csv --top-k 3
     duoclass predict runs/x/model INPUT --output predictions.csv --engine ray --ray-workers 4   # the same CSV, on Ray
+    duoclass explain runs/x/model INPUT --output explanations/ [--method auto|gradcam|gradcam++|occlusion|ig]
     duoclass export runs/x/model --format onnx           # then: duoclass predict runs/x/model INPUT --backend onnx
     duoclass quantize runs/x/model                         # int8, kept only if faster and no worse: --backend onnx-int8
     duoclass prune runs/x/model --amount 0.3 --finetune 3
@@ -291,6 +292,18 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(ns: argparse.Namespace) -> int:
+    from duoclass.infer.explain import explain_to_folder
+
+    clf = load_for_cli(ns)
+    ex, written = explain_to_folder(clf, ns.input, ns.output, ns.method, ns.target, ns.steps, ns.batch_size,
+                                    ns.text_column, ns.path_column)
+    failed = sum(not e.ok for e in ex)
+    print(f"explained {len(ex) - failed} of {len(ex)} inputs ({ex[0].method if ex else ns.method}) into {ns.output}"
+          + (f"; {failed} could not be explained: see the error field of explanations.json" if failed else ""))
+    return 0
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     if ns.format == "transformers":
         from duoclass.compress.transformers import export_transformers
@@ -533,6 +546,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inputs whose calibrated top probability is under P get the label 'abstained' (and "
                          "abstained=true) instead of a class")
     pr.set_defaults(func=cmd_predict)
+
+    xp = sub.add_parser("explain", help="why each input got its label: heatmap overlays (PNG), highlighted texts (HTML), JSON")
+    xp.add_argument("model_dir", help="a model folder (RUN_DIR/model)")
+    xp.add_argument("input", help="what predict reads (an image, a folder, a zip, a CSV); for a text model also a text")
+    xp.add_argument("--output", default="explanations", help="folder for NNNN-NAME.png / .html and explanations.json")
+    xp.add_argument("--method", default="auto", choices=["auto", "gradcam", "gradcam++", "occlusion", "ig"],
+                    help="auto: Grad-CAM for CNN image models, integrated gradients for transformer text models, "
+                         "occlusion otherwise and on the onnx backends")
+    xp.add_argument("--target", default=None, metavar="LABEL", help="the class to explain (default: the predicted one)")
+    xp.add_argument("--steps", type=int, default=32, metavar="N",
+                    help="integrated gradients: the first step count (doubled until the attributions sum to "
+                         "f(x) - f(baseline) within 5%%)")
+    xp.add_argument("--batch-size", type=int, default=64, help="occlusion: variants per forward pass")
+    xp.add_argument("--device", default="auto")
+    xp.add_argument("--backend", default="torch", metavar="NAME",
+                    help="torch, onnx or onnx-int8 (the onnx backends have occlusion only, and need no torch)")
+    xp.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads, as in predict")
+    xp.add_argument("--text-column", default=None, help="text models: column holding the text (default: the training one)")
+    xp.add_argument("--path-column", default=None, help="image CSV manifests: column holding the image path")
+    xp.set_defaults(func=cmd_explain)
 
     ca = sub.add_parser("calibrate", help="refit a model folder's temperature (and conformal sets) on labelled held-out data",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

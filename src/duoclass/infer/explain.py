@@ -241,3 +241,25 @@ def _torch_image(model: Any, x: np.ndarray, target: int, method: str, steps: int
     heat = grad_cam(model, xt, [target], plus=method == "gradcam++")[0]
     return heat, {"output": "logit", "layers": "every msresnet stage, averaged" if hasattr(model, "backbone")
                   and type(model.backbone).__name__ == "MSResNet" else "last feature stage"}
+
+
+def explain_to_folder(clf: Any, input_path: str | Path, output: str | Path, method: str = "auto",
+                      target: str | None = None, steps: int = 32, batch_size: int = 64, text_column: str | None = None,
+                      path_column: str | None = None) -> tuple[Explanations, list[Path]]:
+    """What `duoclass explain` runs: explain every input of a file, folder, zip or CSV (what `predict` reads; for a
+    text model also a text given in place of a path) and save the explanations to `output`. Returns them and the
+    files written. Raises DuoclassError (after writing) when not a single input could be explained."""
+    from duoclass.infer.csv import csv_inputs
+
+    pre = clf.preprocessor
+    column = (text_column or pre.text_column) if clf.task == "text" else (path_column or getattr(pre, "path_column", "path"))
+    if clf.task == "text" and not Path(input_path).exists():  # a text typed on the command line
+        log.warning("%s is not a file or folder: explaining it as a text", str(input_path)[:60])
+        keys, inputs = ["text"], [str(input_path)]
+    else:
+        keys, inputs, _ = csv_inputs(clf.task, input_path, column)
+    ex = explain_items(clf, inputs, method, target, names=keys, steps=steps, batch_size=batch_size)
+    written = ex.save(output)
+    if inputs and not any(e.ok for e in ex):
+        raise DuoclassError(f"{input_path}: none of its {len(ex)} inputs could be explained (see {Path(output) / 'explanations.json'})")
+    return ex, written
