@@ -263,3 +263,37 @@ def explain_to_folder(clf: Any, input_path: str | Path, output: str | Path, meth
     if inputs and not any(e.ok for e in ex):
         raise DuoclassError(f"{input_path}: none of its {len(ex)} inputs could be explained (see {Path(output) / 'explanations.json'})")
     return ex, written
+
+
+def pick_examples(probs: np.ndarray, y: np.ndarray, per_class: int, limit: int = 16) -> list[int]:
+    """Indices of examples for a report: per class (in class order) its `per_class` most confident correct
+    predictions and its `per_class` most confident wrong ones, at most `limit` in all (wrong ones kept first
+    when there are too many: they are what a reader looks for)."""
+    pred = probs.argmax(axis=1)
+    conf = probs.max(axis=1)
+    right: list[int] = []
+    wrong: list[int] = []
+    for c in range(probs.shape[1]):
+        for keep, ok in ((right, True), (wrong, False)):
+            idx = np.flatnonzero((y == c) & ((pred == y) == ok))
+            keep += [int(i) for i in idx[np.argsort(-conf[idx], kind="stable")][:per_class]]
+    chosen = wrong[: limit] + right[: max(0, limit - len(wrong))]
+    return sorted(chosen, key=lambda i: (int(y[i]), int(pred[i] != y[i]), i))
+
+
+def report_grid(clf: Any, inputs: Sequence[Any], y: np.ndarray, probs: np.ndarray, path: str | Path,
+                per_class: int = 2, title: str = "test examples") -> list[Explanation]:
+    """A run's explanations.png: a few examples per class, right and wrong (pick_examples), explained by the
+    method "auto" picks, in one PNG grid titled with each one's true and predicted label. Returns them."""
+    from duoclass.artifacts.atomic import atomic_write_bytes
+    from duoclass.explain.render import grid_png
+
+    chosen = pick_examples(probs, y, per_class)
+    if not chosen:
+        return []
+    classes = [str(c) for c in clf.classes_]
+    ex = explain_items(clf, [inputs[i] for i in chosen], truths=[classes[int(y[i])] for i in chosen])
+    kept = [e for e in ex if e.ok]
+    if kept:
+        atomic_write_bytes(path, grid_png(kept, f"{title}: why each label ({kept[0].method})"))
+    return kept

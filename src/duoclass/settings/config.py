@@ -230,6 +230,9 @@ class TrainConfig:
                                     "OUTPUT/summary.json", group="evaluation")
     bootstrap: int = _f(1000, "resamples of the stratified bootstrap behind the 95%% intervals of the final valid and "
                         "test metrics; 0 = no intervals", group="evaluation")
+    explain_examples: int = _f(2, "the report's explanations.png: per class up to this many correctly and this many "
+                               "wrongly predicted test examples (valid without a test split), explained (method auto; "
+                               "at most 16 in all); 0 = none", group="evaluation")
 
     # --- robustness (attacks.py) ---------------------------------------------------------
     adversarial: Literal["none", "fgsm", "pgd", "trades", "fgm"] = _f(
@@ -350,6 +353,8 @@ class TrainConfig:
                 parse_operating_point(self.operating_point)
             except ValueError as e:
                 bad("operating_point", str(e))
+        if self.explain_examples < 0:
+            bad("explain_examples", f"got {self.explain_examples}; examples per class must be >= 0 (0: no explanations.png)")
         if self.bootstrap < 0:
             bad("bootstrap", f"got {self.bootstrap}; the number of resamples must be >= 0 (e.g. 1000, or 0 for none)")
         if self.folds == 1 or self.folds < 0:

@@ -535,6 +535,9 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
         plot_calibration(final["calibration"], run_dir / "reliability.png", title=f"{'test' if test else 'valid'} reliability")
         plot_ranking(views_to_probs(t_views if test else v_views, temperature), t_y if test else v_y, data.classes,
                      run_dir / "roc_pr.png")
+    if cfg.explain_examples:
+        explain_report(model_dir, data.test if test else data.valid, t_views if test else v_views,
+                       t_y if test else v_y, temperature, run_dir, device, cfg.explain_examples, "test" if test else "valid")
     log.info("best epoch %d (by valid %s): valid accuracy %.4f, balanced accuracy %.4f, f1_macro %.4f", best_epoch,
              cfg.select_metric, valid["accuracy"], valid["balanced_accuracy"], valid["f1_macro"])
     if test is not None:
@@ -554,6 +557,23 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
         log.warning("skipped %d unusable files and %d non-image files; see %s", skipped, ignored, run_dir / "skipped.csv")
     log.info("model folder: %s (%.1f s)", model_dir, seconds)
     return RunResult(run_dir, model_dir, best_epoch, valid, test, skipped, seconds)
+
+
+def explain_report(model_dir: Path, ds: Any, views: np.ndarray, y: np.ndarray, temperature: float, run_dir: Path,
+                   device: torch.device, per_class: int, split: str) -> None:
+    """explanations.png: a few right and wrong examples per class of the evaluated split, explained by the saved
+    model folder (infer.explain.report_grid). Needs the split's raw inputs (image paths, texts); a dataset
+    without them, or whose evaluated rows do not line up with them (a file gone since the scan), gets none."""
+    from duoclass.infer.classifier import Classifier
+    from duoclass.infer.explain import report_grid
+
+    raw = getattr(ds, "refs", None) or getattr(ds, "texts", None)
+    if raw is None or len(raw) != len(y):
+        log.info("explanations.png: not written (the %s split's raw inputs are not at hand)", split)
+        return
+    clf = Classifier.from_folder(model_dir, device=str(device))
+    report_grid(clf, raw, y, views_to_probs(views, temperature), run_dir / "explanations.png", per_class,
+                f"{split} examples")
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:

@@ -126,8 +126,9 @@ def load_hf_tokenizer(source: str | Path) -> Any:
 class TextDataset(TorchDataset):
     """(token ids, label) pairs, encoded once and kept in memory (`cache`: no loader workers needed)."""
 
-    def __init__(self, encoded: list[list[int]], labels: list[int]):
+    def __init__(self, encoded: list[list[int]], labels: list[int], texts: list[str] | None = None):
         self.cache, self.labels = encoded, labels
+        self.texts = texts  # the raw texts, when kept (the report explains a few of them)
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -270,7 +271,7 @@ def prepare_text(cfg: Any, given: dict[str, Any] | None = None) -> "TaskData":
         if not recs:
             return None
         labels = label_ids([r.label for r in recs], classes, f"{recs[0].where.split(': line')[0]} ({split} split)")  # type: ignore[misc]
-        return TextDataset(pre.encode([r.text for r in recs]), labels)
+        return TextDataset(pre.encode([r.text for r in recs]), labels, [r.text for r in recs])
 
     train_ds, valid_ds, test_ds = build("train"), build("valid"), build("test")
     warn_unknown_tokens(pre, train_ds, cfg.model)  # type: ignore[arg-type]
