@@ -12,6 +12,7 @@ This module imports torch, grad-cam and captum: import it only where a torch mod
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from duoclass.errors import DuoclassError
+
+log = logging.getLogger("duoclass")
 
 MAX_STEPS = 512
 COMPLETENESS = 0.05  # the largest |sum - (f(x) - f(baseline))| / |f(x) - f(baseline)| accepted before more steps
@@ -92,6 +95,9 @@ def _until_complete(attribute: Any, steps: int, f_x: float, f_base: float) -> tu
         if error <= COMPLETENESS or steps >= MAX_STEPS:
             break
         steps *= 2
+    if error > COMPLETENESS:
+        log.warning("integrated gradients: after %d steps the attributions sum to %.4g, not f(x) - f(baseline) = %.4g "
+                    "(%.1f%% off); recorded as incomplete", steps, total, gap, 100 * error)
     return attr, {"steps": steps, "output": "logit", "sum": total, "f_x": f_x, "f_baseline": f_base,
                   "completeness_error": error, "complete": error <= COMPLETENESS}
 

@@ -1,5 +1,5 @@
 """Explanations as files a person opens: an image beside its heatmap overlay (PNG), a text with its words
-highlighted (HTML), and a grid of several (PNG) for a run's report. numpy, Pillow and matplotlib only.
+highlighted (HTML), and a grid of several (PNG) for a run's report. numpy and Pillow (the grid: matplotlib).
 
 Colours: Grad-CAM maps are non-negative (inferno); occlusion and integrated gradients are signed: red where the
 part speaks for the explained class, blue where it speaks against it, the same scale on both sides.
@@ -16,19 +16,35 @@ from PIL import Image
 VIEW = 224  # small images (a 28-px X-ray) are shown enlarged to this many pixels, without smoothing
 
 
-def heat_rgba(heat: np.ndarray, signed: bool, alpha: float = 0.55) -> np.ndarray:
-    """uint8 (S, S, 4): the heatmap in colour; opacity grows with the size of the value."""
-    from matplotlib import colormaps
+_INFERNO = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
+                     (250, 193, 39), (252, 255, 164)], dtype=np.float64) / 255  # anchors of matplotlib's inferno
 
+
+def _inferno(v: np.ndarray) -> np.ndarray:
+    """(..., 3) colours of values in [0, 1], interpolated between the anchors (no matplotlib needed)."""
+    pos = np.clip(v, 0, 1) * (len(_INFERNO) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(_INFERNO) - 2)
+    t = (pos - lo)[..., None]
+    return _INFERNO[lo] * (1 - t) + _INFERNO[lo + 1] * t
+
+
+def heat_rgba(heat: np.ndarray, signed: bool, alpha: float = 0.55) -> np.ndarray:
+    """uint8 (S, S, 4): the heatmap in colour; opacity grows with the size of the value. Signed maps: red for
+    positive, blue for negative, on one scale (the largest |value|); others: inferno. numpy only, so the
+    torch-free onnx install renders them too."""
     h = np.nan_to_num(heat.astype(np.float64))
     top = float(np.max(np.abs(h))) or 1.0
+    rgba = np.empty(h.shape + (4,), dtype=np.float64)
     if signed:
         v = h / top  # -1 .. 1
-        rgba = colormaps["bwr"]((v + 1) / 2)
+        pos, neg = np.clip(v, 0, 1), np.clip(-v, 0, 1)
+        rgba[..., 0] = 1 - neg * 0.8
+        rgba[..., 1] = 1 - 0.8 * (pos + neg)
+        rgba[..., 2] = 1 - pos * 0.8
         rgba[..., 3] = alpha * np.abs(v)
     else:
         v = np.clip(h / top, 0, 1)
-        rgba = colormaps["inferno"](v)
+        rgba[..., :3] = _inferno(v)
         rgba[..., 3] = alpha * (0.25 + 0.75 * v)
     return (rgba * 255).round().astype(np.uint8)
 
@@ -110,7 +126,7 @@ def grid_png(items: Sequence[Any], title: str = "explanations") -> bytes:
         head = f"true {e.truth} / pred {e.label}" if getattr(e, "truth", None) is not None else f"pred {e.label}"
         ax.set_title(f"{head}\n{e.method}, p={e.score:.2f}", fontsize=9)
         if e.pixels is not None:
-            ax.imshow(np.asarray(overlay(e.pixels, e.attributions, e.method != "gradcam" and e.method != "gradcam++")))
+            ax.imshow(np.asarray(overlay(e.pixels, e.attributions, e.signed)))
         else:
             order = np.argsort(-np.abs(e.attributions))[:6][::-1]
             words = [e.text[s:t][:18] for s, t in (e.spans[i] for i in order)]
