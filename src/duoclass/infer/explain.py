@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from duoclass.errors import DuoclassError
-from duoclass.infer.predict import predict_items, predict_views
+from duoclass.infer.predict import _name, predict_items, predict_views
 from duoclass.preprocess.load import Encoded, load_each
 
 log = logging.getLogger("duoclass")
@@ -187,6 +187,7 @@ def explain_items(clf: Any, inputs: Sequence[Any], method: str = "auto", target:
     classes = [str(c) for c in clf.classes_]
     fixed = target_index(classes, target)
     pre, backend = clf.preprocessor, clf.backend
+    names = list(names) if names is not None else [_name(x, i) for i, x in enumerate(inputs)]
     encoded, errors = load_each(pre, inputs)
     items = [Encoded(inputs[i], encoded[i]) if i in encoded else inputs[i] for i in range(len(inputs))]
     preds = predict_items(pre, backend, classes, items, batch_size, 1, clf.tta, names=names, rule=clf.rule())
@@ -195,10 +196,12 @@ def explain_items(clf: Any, inputs: Sequence[Any], method: str = "auto", target:
     def scores_of(batch: Mapping[str, Any]) -> np.ndarray:
         return log_odds(predict_views(backend, [batch], clf.tta), clf.temperature)
 
+    targets = {i: fixed if fixed is not None else int(np.argmax(p.probs)) for i, p in enumerate(preds) if p.ok}
+    cams = _cams(clf.model, pre, encoded, targets, method, batch_size, out) if method.startswith("gradcam") else {}
     for i, (p, e) in enumerate(zip(preds, out)):
-        if not p.ok:
+        if not p.ok or not e.ok:
             continue
-        t = fixed if fixed is not None else int(np.argmax(p.probs))
+        t = targets[i]
         e.label, e.target, e.score = p.label, classes[t], float(p.probs[t])  # type: ignore[index]
         if truths is not None:
             e.truth = str(truths[i])
@@ -210,8 +213,12 @@ def explain_items(clf: Any, inputs: Sequence[Any], method: str = "auto", target:
                     from duoclass.explain.occlusion import occlude_image
 
                     e.attributions, e.details = occlude_image(scores_of, x[0], t, batch_size=batch_size)
+                elif method == "ig":
+                    from duoclass.explain.gradients import integrated_gradients_image
+
+                    e.attributions, e.details = integrated_gradients_image(clf.model, _tensor(clf.model, x), t, steps)
                 else:
-                    e.attributions, e.details = _torch_image(clf.model, x, t, method, steps)
+                    e.attributions, e.details = cams[i], {"output": "logit", "layers": cam_layer_names(clf.model)}
             else:
                 e.text = inputs[i] if not isinstance(inputs[i], Encoded) else inputs[i].raw
                 if method == "occlusion":
@@ -229,18 +236,36 @@ def explain_items(clf: Any, inputs: Sequence[Any], method: str = "auto", target:
     return out
 
 
-def _torch_image(model: Any, x: np.ndarray, target: int, method: str, steps: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _tensor(model: Any, x: np.ndarray) -> Any:
     import torch
 
-    from duoclass.explain.gradients import grad_cam, integrated_gradients_image
+    return torch.from_numpy(np.ascontiguousarray(x)).to(next(model.parameters()).device)
 
-    device = next(model.parameters()).device
-    xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-    if method == "ig":
-        return integrated_gradients_image(model, xt, target, steps)
-    heat = grad_cam(model, xt, [target], plus=method == "gradcam++")[0]
-    return heat, {"output": "logit", "layers": "every msresnet stage, averaged" if hasattr(model, "backbone")
-                  and type(model.backbone).__name__ == "MSResNet" else "last feature stage"}
+
+def _cams(model: Any, pre: Any, encoded: Mapping[int, Any], targets: Mapping[int, int], method: str,
+          batch_size: int, out: list[Explanation]) -> dict[int, np.ndarray]:
+    """Grad-CAM maps of the usable images, `batch_size` at a time (one forward and backward pass per batch); a
+    batch that fails gives each of its images the error."""
+    from duoclass.explain.gradients import grad_cam
+
+    idx = sorted(targets)
+    maps: dict[int, np.ndarray] = {}
+    for j in range(0, len(idx), batch_size):
+        chunk = idx[j : j + batch_size]
+        x = _tensor(model, pre.collate([encoded[i] for i in chunk])["pixel_values"])
+        try:
+            for i, m in zip(chunk, grad_cam(model, x, [targets[i] for i in chunk], plus=method == "gradcam++")):
+                maps[i] = m
+        except DuoclassError as err:
+            for i in chunk:
+                out[i].error = f"{out[i].input}: {err}"
+            log.warning("%s", err)
+    return maps
+
+
+def cam_layer_names(model: Any) -> str:
+    return ("every msresnet stage, averaged" if type(getattr(model, "backbone", None)).__name__ == "MSResNet"
+            else "last feature stage")
 
 
 def explain_to_folder(clf: Any, input_path: str | Path, output: str | Path, method: str = "auto",

@@ -13,6 +13,10 @@ Endpoints (every one needs the token when one is set, except /healthz):
 
     POST /v1/models/{name}/predict     multipart `file` part(s), or JSON {"image": b64} {"images": [...]}
                                        {"text": "..."} {"texts": [...]}, optional top_k
+    POST /v1/models/{name}/explain     the same bodies, optional method and target (instead of top_k): per item
+                                       label, target, score, method, error, and heatmap_png + attributions
+                                       (images) or tokens (texts); one request at a time per model, in its own
+                                       thread, --explain-queue more waiting (past it 429), --max-explain-items
     GET  /v1/models, /v1/models/{name} task, classes, test metrics, preprocessing, plot URLs
     GET  /v1/models/{name}/confusion_matrix.png, curves.png, reliability.png, roc_pr.png   the run's plots
     GET  /healthz  /readyz  /metrics (Prometheus text)  /docs  /redoc  /openapi.json  /  (the web page)
@@ -59,11 +63,12 @@ from typing import Any, Mapping, Sequence
 
 from duoclass.errors import DuoclassError
 from duoclass.serve.auth import COOKIE, LOGIN_CSP, LOGIN_PAGE, Sessions, _Guard, _html_escape, _is_loopback
-from duoclass.serve.batcher import InternalError, ModelWorker
+from duoclass.serve.batcher import ExplainWorker, InternalError, ModelWorker
 from duoclass.serve.cards import PLOTS, model_card, parse_model_args
 from duoclass.serve.metrics import Metrics
-from duoclass.serve.requests import (SMALL_JSON, RequestError, _b64, _schemas, _sniff, _validation_message,
-                                     b64_chars, bounded_json)
+from duoclass.serve.requests import (EXPLAIN_METHODS, MAX_TARGET_CHARS, SMALL_JSON, BodySpec, RequestError, _b64, _schemas, _sniff,
+                                     _validation_message, b64_chars, bounded_json, parse_method, parse_target,
+                                     parse_top_k)
 from duoclass.serve.settings import ServeSettings, TOKEN_ENV, add_arguments, resolve_token, settings_from_args
 
 log = logging.getLogger("duoclass")
@@ -92,6 +97,7 @@ class _State:
     metrics: Metrics
     schemas: Any
     workers: dict[str, ModelWorker]
+    explainers: dict[str, ExplainWorker]  # each model's explanations: a thread of their own, beside its batches
     cards: dict[str, dict[str, Any]]
     plots: dict[str, dict[str, bytes]]
     static: dict[str, bytes]
@@ -125,6 +131,7 @@ def _load(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLi
     metrics = Metrics()
     schemas = _schemas(settings)
     workers: dict[str, ModelWorker] = {}
+    explainers: dict[str, ExplainWorker] = {}
     cards: dict[str, dict[str, Any]] = {}
     plots: dict[str, dict[str, bytes]] = {}
     for name, folder in folders.items():
@@ -133,6 +140,7 @@ def _load(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLi
                                      max_decode_bytes=int(settings.max_decode_mb * 2**20))
         cards[name], plots[name] = model_card(name, clf, folder, settings.backend, settings.abstain_below)
         workers[name] = ModelWorker(name, clf, folder, settings, metrics)
+        explainers[name] = ExplainWorker(name, clf, settings, metrics)
         metrics.info.set(name, clf.task, settings.backend, value=1)
         log.info("model %s: %s (%s, %d classes) from %s in %.1f s", name, cards[name]["model"], clf.task,
                  len(clf.classes_), folder, time.perf_counter() - t0)
@@ -157,7 +165,8 @@ def _load(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLi
                      "the schema is at /openapi.json")
     state = {"ready": False}
     encoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="duoclass-encode")
-    return _State(settings, metrics, schemas, workers, cards, plots, static, swagger, state, Sessions(settings), encoder)
+    return _State(settings, metrics, schemas, workers, explainers, cards, plots, static, swagger, state, Sessions(settings),
+                  encoder)
 
 
 def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
@@ -193,6 +202,8 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
             state["ready"] = False
             for w in workers.values():
                 await w.stop()
+            for x in st.explainers.values():
+                x.stop()
             st.encoder.shutdown(wait=False, cancel_futures=True)
 
     description = ("Image and text classifiers. Send images as multipart field `file` or JSON base64, texts as JSON. "
@@ -310,11 +321,15 @@ def _add_predict_route(app: Any, st: "_State") -> None:
     settings, metrics, schemas = st.settings, st.metrics, st.schemas
     err, common, worker_of = st.err, st.common, st.worker_of
     max_chars = {"text": settings.max_text_chars, "texts": settings.max_text_chars,
-                 "image": b64_chars(settings), "images": b64_chars(settings)}
+                 "image": b64_chars(settings), "images": b64_chars(settings), "method": 20, "target": MAX_TARGET_CHARS}
+    PREDICT = BodySpec(schemas.PredictRequest, {"top_k": parse_top_k}, settings.max_items, "--max-items")
 
     # --- prediction -------------------------------------------------------------------------------
-    # Long for now: one parser for both bodies (multipart and JSON) so their limits and errors stay alike.
-    async def read_items(request: Request, w: ModelWorker) -> tuple[list[Any], list[str], int]:
+    # Long for now: one parser for both bodies (multipart and JSON), and for both routes (predict and explain: `spec`
+    # says what else their body holds), so their limits and errors stay alike.
+    async def read_items(request: Request, w: ModelWorker, spec: BodySpec = PREDICT
+                         ) -> tuple[list[Any], list[str], dict[str, Any]]:
+        """(items, their names, the body's options: top_k, or method and target)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         task = w.clf.task
         if ctype == "multipart/form-data":
@@ -328,26 +343,22 @@ def _add_predict_route(app: Any, st: "_State") -> None:
                 raise RequestError(status, f"multipart body: {e.detail} (limits: --max-files {settings.max_files}, "
                                            "64 KB per non-file field)", "too_large" if status == 413 else "bad_request") from None
             try:
-                files, top_k = [], 1
+                files: list[Any] = []
+                options = {k: spec.model.model_fields[k].default for k in spec.options}
                 for key, value in form.multi_items():
                     if key == "file" and not isinstance(value, str):
                         files.append(value)
-                    elif key == "top_k" and isinstance(value, str):
-                        try:
-                            top_k = int(value)
-                        except ValueError:
-                            raise RequestError(422, f"top_k: got {value[:20]!r}; send a whole number >= 1",
-                                               "invalid_request") from None
-                        if top_k < 1:
-                            raise RequestError(422, f"top_k: got {top_k}; send a whole number >= 1", "invalid_request")
+                    elif key in spec.options and isinstance(value, str):
+                        options[key] = spec.options[key](value)
                     else:
                         raise RequestError(422, f"multipart field {key[:40]!r}: unexpected; send the image(s) as "
-                                                "file part(s) named `file` and optionally a `top_k` field", "invalid_request")
+                                                f"file part(s) named `file` and optionally {spec.hint()} fields",
+                                           "invalid_request")
                 if not files:
                     raise RequestError(422, "no file part named `file`; send the image as multipart field `file` "
                                             "(curl -F file=@image.png)", "invalid_request")
-                if len(files) > settings.max_items:
-                    raise RequestError(422, f"{len(files)} images; at most {settings.max_items} per request (--max-items)",
+                if len(files) > spec.max_items:
+                    raise RequestError(422, f"{len(files)} images; at most {spec.max_items} per request ({spec.flag})",
                                        "invalid_request")
                 items, names = [], []
                 for i, f in enumerate(files):
@@ -360,7 +371,7 @@ def _add_predict_route(app: Any, st: "_State") -> None:
                         _sniff(data, what, settings.image_formats)
                     items.append(bytes(data))
                     names.append(what)
-                return items, names, top_k
+                return items, names, options
             finally:
                 await form.close()
         if ctype != "application/json" and not ctype.endswith("+json"):
@@ -369,21 +380,22 @@ def _add_predict_route(app: Any, st: "_State") -> None:
                                "unsupported_media_type")
         body = await request.body()
         if len(body) <= SMALL_JSON:
-            return json_items(body, w)
-        return await asyncio.to_thread(json_items, body, w)  # bounded work, and the event loop keeps answering
+            return json_items(body, w, spec)
+        return await asyncio.to_thread(json_items, body, w, spec)  # bounded work, and the event loop keeps answering
 
-    def json_items(body: bytes, w: ModelWorker) -> tuple[list[Any], list[str], int]:
-        """A JSON predict body -> (items, their names, top_k): texts as str, images as bytes."""
+    def json_items(body: bytes, w: ModelWorker, spec: BodySpec) -> tuple[list[Any], list[str], dict[str, Any]]:
+        """A JSON body -> (items, their names, its options): texts as str, images as bytes."""
         task = w.clf.task
         try:
             if len(body) <= SMALL_JSON:
-                req = schemas.PredictRequest.model_validate_json(body)
+                req = spec.model.model_validate_json(body)
             else:
-                req = schemas.PredictRequest.model_validate(bounded_json(body, settings.max_items, max_chars),
-                                                            strict=True)
+                req = spec.model.model_validate(bounded_json(body, spec.max_items, max_chars, spec.fields, spec.flag),
+                                                strict=True)
         except ValidationError as e:
-            status, message = _validation_message(e.errors(include_url=False))
+            status, message = _validation_message(e.errors(include_url=False), spec.hint(), spec.flag)
             raise RequestError(status, message, "invalid_request") from None
+        options = {k: getattr(req, k) for k in spec.options}
         if req.text is not None or req.texts is not None:
             if task != "text":
                 raise RequestError(422, f"model {w.name!r} is an image model; send an image (multipart field `file`, "
@@ -395,7 +407,7 @@ def _add_predict_route(app: Any, st: "_State") -> None:
                     t.encode("utf-8")
                 except UnicodeEncodeError:
                     raise RequestError(422, f"{n}: not valid Unicode (a lone surrogate); send UTF-8 text", "bad_text") from None
-            return texts, names, req.top_k
+            return texts, names, options
         if task != "image":
             raise RequestError(422, f"model {w.name!r} is a text model; send JSON {{\"text\": \"...\"}} or "
                                     "{\"texts\": [...]}", "wrong_task")
@@ -407,7 +419,7 @@ def _add_predict_route(app: Any, st: "_State") -> None:
                 data = _b64(s, n, settings.max_image_bytes)  # type: ignore[arg-type]
                 _sniff(data, n, settings.image_formats)
             items.append(data)
-        return items, names, req.top_k
+        return items, names, options
 
     predict_body = {"required": True, "content": {
         "application/json": {"schema": schemas.PredictRequest.model_json_schema()},
@@ -428,8 +440,8 @@ def _add_predict_route(app: Any, st: "_State") -> None:
     async def predict(name: str, request: Request) -> Response:
         t0 = time.perf_counter()
         w = worker_of(name)
-        items, names, top_k = await read_items(request, w)
-        n = len(items)
+        items, names, options = await read_items(request, w)
+        top_k, n = options["top_k"], len(items)
         w.reserve(n)  # admission (a 429 when the queue is full) before any decoding or tokenizing
         try:
             if w.clf.task == "text" and sum(len(t) for t in items) <= INLINE_TEXT_CHARS:
@@ -462,6 +474,65 @@ def _add_predict_route(app: Any, st: "_State") -> None:
                for r in results]
         return JSONResponse({"model": name, "predictions": out,
                              "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+    _add_explain_route(app, st, read_items)
+
+
+def _add_explain_route(app: Any, st: "_State", read_items: Any) -> None:
+    """POST /v1/models/{name}/explain: predict's body parser (with method and target for top_k), its token and
+    limits; then admission to the model's explanation pool (a 429 when it is busy), never to its batches."""
+    import json
+
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+
+    settings, schemas, explainers = st.settings, st.schemas, st.explainers
+    err, common, worker_of = st.err, st.common, st.worker_of
+    EXPLAIN = BodySpec(schemas.ExplainRequest, {"method": parse_method, "target": parse_target},
+                       settings.max_explain_items, "--max-explain-items")
+    explain_body = {"required": True, "content": {
+        "application/json": {"schema": schemas.ExplainRequest.model_json_schema()},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"], "additionalProperties": False,
+            "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                                    "maxItems": min(settings.max_files, settings.max_explain_items),
+                                    "description": "image file(s)"},
+                           "method": {"type": "string", "enum": list(EXPLAIN_METHODS), "default": "auto"},
+                           "target": {"type": "string", "minLength": 1, "maxLength": MAX_TARGET_CHARS,
+                                      "description": "the class to explain (default: the predicted label)"}}}}}}
+
+    @app.post("/v1/models/{name}/explain", summary="explain the predictions of images or texts",
+              response_model=schemas.ExplainResponse, openapi_extra={"requestBody": explain_body},
+              responses={**common, 400: {**err, "description": "malformed body"},
+                         404: {**err, "description": "no such model"},
+                         413: {**err, "description": "body, image or part too large"},
+                         415: {**err, "description": "neither JSON nor multipart"},
+                         422: {**err, "description": "invalid request, a method the model lacks, a target that is "
+                                                     "no class, or an item that is no image (see `items`)"},
+                         503: {**err, "description": "overloaded: no explanation within --timeout-s"}})
+    async def explain(name: str, request: Request) -> Response:
+        t0 = time.perf_counter()
+        w = worker_of(name)
+        x = explainers[name]
+        items, names, options = await read_items(request, w, EXPLAIN)
+        method, target = options["method"], options["target"]
+        if method in x.refused:
+            raise RequestError(422, x.refused[method], "explain_method")
+        if target is not None and target not in w.clf.classes_.tolist():
+            classes = w.clf.classes_.tolist()
+            raise RequestError(422, f"target {target[:80]!r}: not a class of model {name!r} (its classes: "
+                                    f"{', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''})",
+                               "invalid_request")
+        x.reserve()  # admission (a 429 when the pool is busy) before any decoding
+        try:
+            parts = await x.explain(items, names, x.methods[method], target)
+        except InternalError as e:
+            st.metrics(st.metrics.errors.inc, "internal")
+            return JSONResponse({"error": f"internal error while explaining ({e}); see the server log"}, status_code=500)
+        latency = round((time.perf_counter() - t0) * 1000, 3)
+        body = b'{"model":%s,"explanations":[%s],"latency_ms":%s}' % (json.dumps(name).encode(), b",".join(parts),
+                                                                       json.dumps(latency).encode())
+        return Response(body, media_type="application/json")
 
 
 @contextlib.contextmanager
@@ -589,7 +660,7 @@ def _add_openapi(app: Any, st: "_State") -> None:
                     for param in op.get("parameters", []):
                         if param.get("name") == "name" and param.get("in") == "path":
                             param["schema"] = {**param.get("schema", {}), "enum": list(workers)}
-            _predict_per_model(schema, st)
+            _per_model(schema, st)
             if settings.token:
                 schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
                 schema["security"] = [{"bearer": []}]
@@ -601,31 +672,44 @@ def _add_openapi(app: Any, st: "_State") -> None:
 
 
 
-def _predict_per_model(schema: dict[str, Any], st: "_State") -> None:
-    """One predict path per model, with the body its task takes: the schema then allows only requests the server
-    accepts (a text model's path documents texts, an image model's images), where one path for every model
-    would allow sending an image to a text model. The route itself stays one."""
+def _per_model(schema: dict[str, Any], st: "_State") -> None:
+    """One predict and one explain path per model, with the body its task takes: the schema then allows only
+    requests the server accepts (a text model's path documents texts, an image model's images; an explain path
+    the methods that model has and its classes as targets), where one path for every model would allow sending
+    an image to a text model. The routes themselves stay one each."""
     import copy
 
-    generic = schema["paths"].pop("/v1/models/{name}/predict")["post"]
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    full = components.pop("PredictRequest", None) or st.schemas.PredictRequest.model_json_schema()
-    for task, keep in (("text", ("text", "texts")), ("image", ("image", "images"))):
-        props = {k: v for k, v in full["properties"].items() if k in (*keep, "top_k")}
-        components[f"{task.capitalize()}PredictRequest"] = {
-            "title": f"{task.capitalize()}PredictRequest", "type": "object", "properties": props,
-            "additionalProperties": False, "oneOf": [{"required": [k]} for k in keep],
-            "description": f"Exactly one of {' or '.join(keep)}, and optionally top_k."}
-    for name, w in st.workers.items():
-        op = copy.deepcopy(generic)
-        op["operationId"] = f"predict_{name}"
-        op["summary"] = f"predict with {name} ({w.clf.task} model)"
-        op["parameters"] = [p for p in op.get("parameters", []) if p.get("name") != "name"]
-        content = op["requestBody"]["content"]
-        content["application/json"] = {"schema": {"$ref": f"#/components/schemas/{w.clf.task.capitalize()}PredictRequest"}}
-        if w.clf.task == "text":
-            content.pop("multipart/form-data", None)
-        schema["paths"][f"/v1/models/{name}/predict"] = {"post": op}
+    for route, options in (("predict", ("top_k",)), ("explain", ("method", "target"))):
+        generic = schema["paths"].pop(f"/v1/models/{{name}}/{route}")["post"]
+        model = getattr(st.schemas, f"{route.capitalize()}Request")
+        full = components.pop(model.__name__, None) or model.model_json_schema()
+        for task, keep in (("text", ("text", "texts")), ("image", ("image", "images"))):
+            props = {k: v for k, v in full["properties"].items() if k in (*keep, *options)}
+            title = f"{task.capitalize()}{route.capitalize()}Request"
+            components[title] = {
+                "title": title, "type": "object", "properties": props, "additionalProperties": False,
+                "oneOf": [{"required": [k]} for k in keep],
+                "description": f"Exactly one of {' or '.join(keep)}, and optionally {' and '.join(options)}."}
+        for name, w in st.workers.items():
+            task = w.clf.task
+            op = copy.deepcopy(generic)
+            op["operationId"] = f"{route}_{name}"
+            op["summary"] = f"{route} with {name} ({task} model)"
+            op["parameters"] = [p for p in op.get("parameters", []) if p.get("name") != "name"]
+            content = op["requestBody"]["content"]
+            ref = {"$ref": f"#/components/schemas/{task.capitalize()}{route.capitalize()}Request"}
+            if route == "explain":  # this model's methods and classes; the body otherwise as its task's
+                ref = copy.deepcopy(components[ref["$ref"].rsplit("/", 1)[1]])
+                mine = {"method": {**ref["properties"]["method"], "enum": list(st.explainers[name].methods)},
+                        "target": {**ref["properties"]["target"], "enum": w.clf.classes_.tolist()}}
+                ref["properties"].update(mine)
+                form = content["multipart/form-data"]["schema"]["properties"]
+                form.update({k: {**form[k], **{"enum": v["enum"]}} for k, v in mine.items()})
+            content["application/json"] = {"schema": ref}
+            if task == "text":
+                content.pop("multipart/form-data", None)
+            schema["paths"][f"/v1/models/{name}/{route}"] = {"post": op}
 
 
 def serve(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],

@@ -1,16 +1,19 @@
 """Per-model micro-batching: one asyncio task gathers items from many requests and runs each batch in the
-model's own thread through the one predict path; a batch that raises is retried item by item.
+model's own thread through the one predict path; a batch that raises is retried item by item. Explanations run
+beside it, one request at a time per model in a thread of their own (ExplainWorker), never in its batches.
 """
 import asyncio
 import collections
 import logging
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from duoclass.errors import DuoclassError
 from duoclass.serve.metrics import Metrics
 from duoclass.serve.requests import RequestError
 from duoclass.serve.settings import ServeSettings
@@ -247,3 +250,146 @@ class ModelWorker:
             Image.new("RGB", (size, size), (128, 128, 128)).save(buf, format="PNG")
             item = buf.getvalue()
         self._predict([item], ["warm-up"], 1)
+
+
+# --- explanations -------------------------------------------------------------------------------
+class ExplainWorker:
+    """One model's explanations, beside its predictions and never in their batches: an explanation costs tens to
+    hundreds of forward passes, so it runs in a pool of one thread of its own. Admission before any work: one
+    request is explained at a time, --explain-queue more may wait, and past that a 429 with Retry-After.
+
+    A torch model is explained through its own copy (made at the first request): Grad-CAM and integrated gradients
+    hook the model's layers, and a hook on the model the predictions use would fire in their forward passes too.
+    ONNX Runtime sessions are shared (their `run` is thread-safe; occlusion is all they can explain)."""
+
+    def __init__(self, name: str, clf: Any, settings: ServeSettings, metrics: Metrics):
+        self.name, self.clf, self.settings, self.metrics = name, clf, settings, metrics
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"duoclass-explain-{name}")
+        self._lock = threading.Lock()  # `jobs` drops in the pool's thread when a job ends
+        self.jobs = 0  # admitted requests: being explained or waiting
+        self._seconds = 1.0  # running mean seconds per request, for Retry-After
+        self._own: Any = None
+        self.closed = False
+        self.methods: dict[str, str] = {}  # each method this model has -> what it runs (auto -> gradcam, ...)
+        self.refused: dict[str, str] = {}  # each method it lacks -> why, in one line
+        from duoclass.infer.explain import METHODS, resolve_method
+
+        for m in METHODS:
+            try:
+                self.methods[m] = resolve_method(clf, m)
+            except DuoclassError as e:
+                self.refused[m] = str(e).replace("--method", "method")
+
+    def retry_after(self) -> int:
+        return max(1, min(60, math.ceil(self.jobs * self._seconds)))
+
+    def reserve(self) -> None:
+        """A place for one request in the pool, or a 429 (a 503 when stopping)."""
+        if self.closed:
+            raise RequestError(503, "the server is shutting down", "shutting_down", {"Retry-After": "5"})
+        with self._lock:
+            if self.jobs >= 1 + self.settings.explain_queue:
+                s = self.retry_after()
+                raise RequestError(429, f"model {self.name!r} is busy explaining: {self.jobs} explain requests are "
+                                        f"running or waiting (one at a time, --explain-queue "
+                                        f"{self.settings.explain_queue}); retry after {s} s", "explain_busy",
+                                   {"Retry-After": str(s)})
+            self.jobs += 1
+
+    def release(self, *_: Any) -> None:
+        with self._lock:
+            self.jobs -= 1
+
+    async def explain(self, items: Sequence[Any], names: Sequence[str], method: str, target: str | None) -> list[bytes]:
+        """Each item's answer as JSON bytes, in order, for a request that holds a place (`reserve`); the place is
+        given back when its job ends. A job still waiting when its request gives up (--timeout-s, or the client
+        went away) is dropped; one already running runs to its end, its place still taken, so the pool never
+        holds more jobs than it admitted."""
+        try:
+            job = self._thread.submit(self._run, list(items), list(names), method, target)
+        except RuntimeError:  # the pool is shut down: stopping
+            self.release()
+            raise RequestError(503, "the server is shutting down", "shutting_down", {"Retry-After": "5"}) from None
+        job.add_done_callback(self.release)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            job.cancel()
+            raise RequestError(503, f"no explanation within {self.settings.timeout_s:g} s (--timeout-s): the model's "
+                                    "explanations are busy; retry later, or send fewer items", "timeout",
+                               {"Retry-After": str(self.retry_after())}) from None
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001  (a bug, not a bad input: those get their own error)
+            log.error("model %s: an explanation failed", self.name, exc_info=e)
+            raise InternalError(f"{type(e).__name__}: {e}") from None
+
+    def stop(self) -> None:
+        self.closed = True
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    # the pool's thread ---------------------------------------------------------------------
+    def model(self) -> Any:
+        """The classifier explanations run on: for the torch backend a copy with its own module."""
+        if self._own is None:
+            clf = self.clf
+            if getattr(clf.backend, "name", "") == "torch" and getattr(clf.backend, "model", None) is not None:
+                import copy
+
+                backend = copy.copy(clf.backend)
+                backend.model = copy.deepcopy(clf.backend.model)  # the predictions only read the original
+                clf = copy.copy(clf)
+                clf.backend = backend
+            self._own = clf
+        return self._own
+
+    def _run(self, items: list[Any], names: list[str], method: str, target: str | None) -> list[bytes]:
+        """Decode each item (within --request-cpu-s), explain the usable ones in one explain_items call, and
+        render each answer. An item that cannot be read gets its own error; the others are explained."""
+        from duoclass.infer.explain import Explanation, explain_items
+        from duoclass.preprocess.load import Encoded, load_each
+
+        t0 = time.perf_counter()
+        clf = self.model()
+        encoded, errors = load_each(clf.preprocessor, items, budget_s=self.settings.request_cpu_s)
+        good = sorted(encoded)
+        # Images go in decoded; texts as they came (tokenizing again costs nothing next to the explanation, and
+        # explain_items wraps an Encoded text once more, which its predict step cannot read).
+        done = explain_items(clf, [Encoded(items[i], encoded[i]) if clf.task == "image" else items[i] for i in good],
+                             method, target, names=[names[i] for i in good]) if good else []
+        out = {i: e for i, e in zip(good, done)}
+        for i, why in errors.items():
+            out[i] = Explanation(names[i], method=method, error=why.removeprefix("image bytes: "))
+        answers = [explanation_json(out[i], names[i]) for i in range(len(items))]
+        with self.metrics._lock:
+            for i in range(len(items)):
+                self.metrics.explained.inc(self.name, "ok" if out[i].ok else "error")
+        self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - t0)
+        return answers
+
+
+def explanation_json(e: Any, name: str) -> bytes:
+    """One item's answer, JSON: label, target, score, method, error, and images' heatmap_png (base64 PNG of the
+    colour map at the model's input size) and attributions (rows, 4 digits), or texts' tokens."""
+    import base64
+    import json
+
+    import numpy as np
+
+    out: dict[str, Any] = {"label": e.label, "target": e.target, "score": e.score, "method": e.method,
+                           "error": e.error.removeprefix(f"{name}: ") if e.error else None}
+    if e.ok and e.attributions is not None:
+        from PIL import Image
+
+        from duoclass.explain.render import heat_rgba, png_bytes
+
+        e.attributions = np.nan_to_num(e.attributions.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        d = e.to_dict(digits=4)
+        if e.spans is not None:
+            out["tokens"] = d["tokens"]
+        else:
+            png = png_bytes(Image.fromarray(heat_rgba(e.attributions, e.signed), "RGBA"))
+            out["heatmap_png"] = base64.b64encode(png).decode("ascii")
+            out["attributions"] = d["attributions"]
+    return json.dumps(out, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")

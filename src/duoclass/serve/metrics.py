@@ -86,9 +86,11 @@ class Metrics:
                             ("model",), LATENCY_BUCKETS)
         self.queue_depth = F("duoclass_queue_depth", "gauge", "items waiting in each model's queue", ("model",))
         self.in_flight = F("duoclass_requests_in_flight", "gauge", "requests being handled now", ())
+        self.explained = F("duoclass_explain_items_total", "counter", "items explained, by model and outcome",
+                           ("model", "outcome"))
         self.info = F("duoclass_model_info", "gauge", "models served (value 1)", ("model", "task", "backend"))
         self.families = [self.requests, self.latency, self.errors, self.items, self.batch_size, self.batch_seconds,
-                         self.queue_wait, self.queue_depth, self.in_flight, self.info]
+                         self.queue_wait, self.queue_depth, self.in_flight, self.explained, self.info]
         self.in_flight.set(value=0)
 
     def __call__(self, fn: Callable[..., None], *labels: str, **kw: float) -> None:

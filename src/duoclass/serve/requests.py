@@ -8,7 +8,8 @@ import logging
 import re
 import math
 import types
-from typing import Annotated, Any, Mapping, Optional
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Sequence
 
 from duoclass.serve.settings import ServeSettings
 
@@ -19,6 +20,8 @@ MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "
          (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"P5", "ppm"), (b"P6", "ppm"),
          (b"P2", "ppm"), (b"P3", "ppm"))
 SMALL_JSON = 64 * 1024  # bodies up to this size are parsed on the event loop; larger ones in a thread, bounded
+EXPLAIN_METHODS = ("auto", "gradcam", "gradcam++", "occlusion", "ig")  # infer.explain.METHODS, without importing it
+MAX_TARGET_CHARS = 200
 
 
 class RequestError(Exception):
@@ -39,6 +42,50 @@ class RequestError(Exception):
 
 
 # --- request parsing --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BodySpec:
+    """What one route's body holds besides its items (predict: top_k; explain: method and target): the pydantic
+    model of its JSON form, each option's parser for a multipart field (its string -> the value, or a RequestError),
+    and the most items it takes with the flag that sets it. The routes share one body parser (app.read_items)."""
+
+    model: Any
+    options: Mapping[str, Callable[[str], Any]]
+    max_items: int
+    flag: str
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return ("text", "texts", "image", "images", *self.options)
+
+    def hint(self) -> str:
+        """How the optional fields read in a message: "top_k", "method and target"."""
+        return " and ".join(self.options)
+
+
+def parse_top_k(value: str) -> int:
+    try:
+        top_k = int(value)
+    except ValueError:
+        raise RequestError(422, f"top_k: got {value[:20]!r}; send a whole number >= 1", "invalid_request") from None
+    if top_k < 1:
+        raise RequestError(422, f"top_k: got {top_k}; send a whole number >= 1", "invalid_request")
+    return top_k
+
+
+def parse_method(value: str) -> str:
+    if value not in EXPLAIN_METHODS:
+        raise RequestError(422, f"method: got {value[:20]!r}; choose one of {', '.join(EXPLAIN_METHODS)}",
+                           "invalid_request")
+    return value
+
+
+def parse_target(value: str) -> str:
+    if not value or len(value) > MAX_TARGET_CHARS:
+        raise RequestError(422, f"target: {len(value)} characters; send a class name (1 to {MAX_TARGET_CHARS})",
+                           "invalid_request")
+    return value
+
+
 def image_format(data: bytes) -> str | None:
     """The image format these bytes start like (a name of settings.IMAGE_FORMATS), or None."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -65,25 +112,29 @@ _SCALAR = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true
 FIELDS = ("text", "texts", "image", "images", "top_k")
 
 
-def bounded_json(body: bytes, max_items: int, max_chars: dict[str, int]) -> dict[str, Any]:
+def bounded_json(body: bytes, max_items: int, max_chars: dict[str, int], fields: Sequence[str] = FIELDS,
+                 flag: str = "--max-items") -> dict[str, Any]:
     """The predict body as a dict, read so that a large body costs time in proportion to what the limits allow,
     never to its size: one flat object of the known fields, whose lists hold strings and are read no further
     than max_items + 1 entries; a string longer than its field's limit (max_chars) is refused without being
     copied. Anything else is a 400/422 at once. (json.loads, or pydantic, of a 14 MB list holds the event loop,
-    and every other connection, for most of a second.)"""
+    and every other connection, for most of a second.) `fields`: the body's known fields; `flag`: the setting
+    that sets max_items, for the message."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(400, f"the body is not valid JSON (not UTF-8 at byte {e.start}); send UTF-8 JSON",
                            "invalid_request") from None
-    return _JsonReader(text, max_items, max_chars).body()
+    return _JsonReader(text, max_items, max_chars, tuple(fields), flag).body()
 
 
 class _JsonReader:
     """The reader of `bounded_json`: `i` is the position in `s`, each method reads one thing from there."""
 
-    def __init__(self, s: str, max_items: int, max_chars: dict[str, int]):
+    def __init__(self, s: str, max_items: int, max_chars: dict[str, int], fields: tuple[str, ...] = FIELDS,
+                 flag: str = "--max-items"):
         self.s, self.i, self.max_items, self.max_chars = s, 0, max_items, max_chars
+        self.fields, self.flag = fields, flag
 
     def syntax(self, what: str) -> RequestError:
         return RequestError(400, f"the body is not valid JSON ({what} at character {self.i}); send e.g. "
@@ -133,7 +184,7 @@ class _JsonReader:
         while True:
             if len(items) == self.max_items:
                 raise RequestError(422, f"{key}: more than {self.max_items} items; at most {self.max_items} per "
-                                        "request (--max-items)", "invalid_request")
+                                        f"request ({self.flag})", "invalid_request")
             if not self.at('"'):
                 raise RequestError(422, f"{key}[{len(items)}]: expected a string", "invalid_request")
             items.append(self.string(key, f"{key}[{len(items)}]"))
@@ -167,9 +218,9 @@ class _JsonReader:
                 if not self.at('"'):
                     raise self.syntax("expected a field name")
                 key = self.string("", "a field name")
-                if key not in FIELDS:
+                if key not in self.fields:
                     raise RequestError(422, f"{key[:40]}: unknown field; send one of text, texts, image, images "
-                                            "(and optionally top_k)", "invalid_request")
+                                            f"(and optionally {' and '.join(self.fields[4:])})", "invalid_request")
                 self.expect(":", "expected ':'")
                 out[key] = self.value(key)
                 if self.at("}"):
@@ -196,21 +247,23 @@ def _b64(s: str, what: str, limit: int) -> bytes:
     return data
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[int, str]:
-    """(status, one line) for pydantic errors: 400 for a body that is not JSON, else 422 naming each field."""
+def _validation_message(errors: list[dict[str, Any]], options: str = "top_k", items_flag: str = "--max-items"
+                        ) -> tuple[int, str]:
+    """(status, one line) for pydantic errors: 400 for a body that is not JSON, else 422 naming each field.
+    `options`: the body's optional fields, as a message names them; `items_flag`: the setting of its item limit."""
     if any(e.get("type") == "json_invalid" for e in errors):
         e = next(e for e in errors if e.get("type") == "json_invalid")
         why = (e.get("ctx") or {}).get("error", e.get("msg", ""))
         return 400, f"the body is not valid JSON ({why}); send e.g. {{\"text\": \"...\"}} or {{\"image\": \"<base64>\"}}"
     limits = {"string_too_long": {"text": "--max-text-chars", "texts": "--max-text-chars", "image": "--max-image-bytes",
                                   "images": "--max-image-bytes"},
-              "too_long": {"texts": "--max-items", "images": "--max-items"}}
+              "too_long": {"texts": items_flag, "images": items_flag}}
     parts = []
     for e in errors[:5]:
         loc = "".join(f"[{x}]" if isinstance(x, int) else (f".{x}" if i else str(x)) for i, x in enumerate(e.get("loc", ())))
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         if e.get("type") == "extra_forbidden":
-            msg = "unknown field; send one of text, texts, image, images (and optionally top_k)"
+            msg = f"unknown field; send one of text, texts, image, images (and optionally {options})"
         flag = limits.get(e.get("type", ""), {}).get(str((e.get("loc") or ("",))[0]))
         if flag:
             msg += f" (the server's limit, {flag})"
@@ -224,6 +277,7 @@ def b64_chars(settings: ServeSettings) -> int:
     return math.ceil(settings.max_image_bytes / 3) * 4 + 256
 
 
+# Long on purpose: every pydantic model of the API in one place, its limits beside the settings they come from.
 def _schemas(settings: ServeSettings) -> Any:
     """The pydantic models of the API (built per app: their limits are the app's settings)."""
     from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -232,19 +286,34 @@ def _schemas(settings: ServeSettings) -> Any:
     text_field = Field(None, max_length=settings.max_text_chars, description="one text to classify")
     image_field = Field(None, min_length=1, max_length=b64_chars_, description="one image file, base64 (or a data: URL)")
 
-    class PredictRequest(BaseModel):
+    def inputs(max_items: int) -> Any:
+        """The items of a body: exactly one of text, texts (text models) or image, images (image models)."""
+
+        class Inputs(BaseModel):
+            # The fields are typed without null (a JSON null is refused) and default to None, meaning "not sent";
+            # the schema's oneOf says what the validator below checks.
+            model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+                "oneOf": [{"required": [k]} for k in ("text", "texts", "image", "images")]})
+            text: str = text_field  # type: ignore[assignment]
+            texts: list[Annotated[str, Field(max_length=settings.max_text_chars)]] = Field(  # type: ignore[assignment]
+                None, min_length=1, max_length=max_items, description="several texts")
+            image: str = image_field  # type: ignore[assignment]
+            images: list[Annotated[str, Field(min_length=1, max_length=b64_chars_)]] = Field(  # type: ignore[assignment]
+                None, min_length=1, max_length=max_items, description="several base64 images")
+
+            @model_validator(mode="after")
+            def _one_input(self) -> Any:
+                given = [k for k in ("text", "texts", "image", "images") if getattr(self, k) is not None]
+                if len(given) != 1:
+                    raise ValueError("send exactly one of text, texts, image, images" +
+                                     (f" (got {', '.join(given)})" if given else ""))
+                return self
+
+        return Inputs
+
+    class PredictRequest(inputs(settings.max_items)):  # type: ignore[misc]
         """Exactly one of text, texts (text models) or image, images (image models)."""
 
-        # The fields are typed without null (a JSON null is refused) and default to None, meaning "not sent";
-        # the schema's oneOf says what the validator below checks.
-        model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
-            "oneOf": [{"required": [k]} for k in ("text", "texts", "image", "images")]})
-        text: str = text_field  # type: ignore[assignment]
-        texts: list[Annotated[str, Field(max_length=settings.max_text_chars)]] = Field(  # type: ignore[assignment]
-            None, min_length=1, max_length=settings.max_items, description="several texts")
-        image: str = image_field  # type: ignore[assignment]
-        images: list[Annotated[str, Field(min_length=1, max_length=b64_chars_)]] = Field(  # type: ignore[assignment]
-            None, min_length=1, max_length=settings.max_items, description="several base64 images")
         top_k: int = Field(1, ge=1, le=1000, strict=False, description="how many labels to return per item, best first")
 
         @field_validator("top_k", mode="before")
@@ -254,13 +323,15 @@ def _schemas(settings: ServeSettings) -> Any:
                 raise ValueError("Input should be a valid integer")
             return int(v)
 
-        @model_validator(mode="after")
-        def _one_input(self) -> "PredictRequest":
-            given = [k for k in ("text", "texts", "image", "images") if getattr(self, k) is not None]
-            if len(given) != 1:
-                raise ValueError("send exactly one of text, texts, image, images" +
-                                 (f" (got {', '.join(given)})" if given else ""))
-            return self
+    class ExplainRequest(inputs(settings.max_explain_items)):  # type: ignore[misc]
+        """Exactly one of text, texts (text models) or image, images (image models); optionally the method and the
+        class to explain."""
+
+        method: Literal[EXPLAIN_METHODS] = Field(  # type: ignore[valid-type]
+            "auto", description="auto: Grad-CAM for CNN image models, integrated gradients for transformer text "
+                                "models, occlusion otherwise (the only method the onnx backends have)")
+        target: str = Field(None, min_length=1, max_length=MAX_TARGET_CHARS,  # type: ignore[assignment]
+                            description="the class to explain (default: each item's predicted label)")
 
     class Score(BaseModel):
         label: str
@@ -290,7 +361,31 @@ def _schemas(settings: ServeSettings) -> Any:
         error: str = Field(description="what went wrong and how to fix it")
         items: Optional[list[ItemError]] = Field(None, description="the failing items of a prediction request")
 
-    return types.SimpleNamespace(PredictRequest=PredictRequest, PredictResponse=PredictResponse, ErrorBody=ErrorBody)
+    class Token(BaseModel):
+        text: str
+        start: int = Field(description="where the word or token starts in the text (in Unicode code points)")
+        end: int
+        score: float = Field(description="its attribution: > 0 speaks for the target class, < 0 against it")
+
+    class Explanation(BaseModel):
+        label: Optional[str] = Field(description="the predicted class (null when the item failed)")
+        target: Optional[str] = Field(description="the class explained: `target` when sent, else `label`")
+        score: Optional[float] = Field(description="the calibrated probability of the target class")
+        method: str = Field(description="the method used (auto resolved): gradcam, gradcam++, occlusion or ig")
+        error: Optional[str] = Field(description="why this item has no explanation (it could not be read), or null")
+        heatmap_png: Optional[str] = Field(None, description="images: base64 PNG (RGBA) of the attributions at the "
+                                                             "model's input size, to lay over the image")
+        attributions: Optional[list[list[float]]] = Field(None, description="images: the attribution map, rows of "
+                                                                            "the model's input size, 4 digits")
+        tokens: Optional[list[Token]] = Field(None, description="texts: each word or token with its attribution")
+
+    class ExplainResponse(BaseModel):
+        model: str
+        explanations: list[Explanation] = Field(description="one per item, in request order")
+        latency_ms: float = Field(description="time in the server, waiting for the explanation pool included")
+
+    return types.SimpleNamespace(PredictRequest=PredictRequest, PredictResponse=PredictResponse, ErrorBody=ErrorBody,
+                                 ExplainRequest=ExplainRequest, ExplainResponse=ExplainResponse)
 
 
 def _content_length(content_length: Optional[str]) -> Optional[int]:

@@ -36,6 +36,10 @@ class ServeSettings:
     max_queue: int = _f(256, "most items waiting per model; past it requests get 429 with Retry-After")
     max_in_flight: int = _f(512, "most requests handled at once (all endpoints but /healthz and /metrics); past it 429")
     max_items: int = _f(64, "most images or texts in one request")
+    max_explain_items: int = _f(8, "most images or texts in one explain request (each costs tens to hundreds of "
+                                   "forward passes)")
+    explain_queue: int = _f(2, "explain requests that may wait per model while one is explained (one at a time, in "
+                               "a thread beside the predictions); past it 429 with Retry-After")
     max_text_chars: int = _f(10_000, "most characters in one text")
     max_body_bytes: int = _f(16 * 1024 * 1024, "largest request body, in bytes")
     max_image_bytes: int = _f(8 * 1024 * 1024, "largest image (one multipart part, or one decoded base64 image), in bytes")
@@ -72,10 +76,12 @@ class ServeSettings:
 
         if not 0 <= self.port <= 65535:
             bad("port", f"got {self.port}; use 1 to 65535 (or 0 for any free port)")
-        for name in ("max_batch_size", "max_tokens", "max_queue", "max_in_flight", "max_items", "max_text_chars",
-                     "max_body_bytes", "max_image_bytes", "max_files", "max_pixels", "login_attempts"):
+        for name in ("max_batch_size", "max_tokens", "max_queue", "max_in_flight", "max_items", "max_explain_items",
+                     "max_text_chars", "max_body_bytes", "max_image_bytes", "max_files", "max_pixels", "login_attempts"):
             if getattr(self, name) < 1:
                 bad(name, f"got {getattr(self, name)}; must be a positive integer")
+        if self.explain_queue < 0:
+            bad("explain_queue", f"got {self.explain_queue}; use 0 (only the one being explained) or more")
         if self.max_connections < 0 or 0 < self.max_connections < 8:
             bad("max_connections", f"got {self.max_connections}; use 0 (from the file-descriptor limit) or at least 8")
         for name in ("max_decode_mb", "request_cpu_s", "header_timeout_s", "body_timeout_s", "keep_alive_s",

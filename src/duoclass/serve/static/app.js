@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 let models = [];
 let current = null;
+let lastInput = null;  // what the last prediction was of: {file} or {text}, for the Explain button
 
 function el(tag, props = {}, children = []) {
   const e = document.createElement(tag);
@@ -68,6 +69,92 @@ function showResults(resp, clientMs) {
   }
   $("latency").textContent = `latency ${clientMs.toFixed(0)} ms (server ${resp.latency_ms.toFixed(1)} ms)`;
   setStatus(p.warning ? `warning: ${p.warning}` : "");
+  $("explain").hidden = !lastInput;
+}
+
+// --- explanations: the heatmap over the image, or the text with each word coloured by its score -------------
+function clearExplanation() {
+  $("explain").hidden = true;
+  $("explain-image").hidden = true;
+  $("heatmap-switch").hidden = true;
+  $("explain-text").hidden = true;
+  $("explain-text").replaceChildren();
+  $("explain-heatmap").removeAttribute("src");
+  $("explain-legend").textContent = "";
+  $("explain-status").textContent = "";
+  $("explain-status").className = "";
+}
+
+function shade(score, top) {  // red: speaks for the class explained, blue: against it (render._shade's colours)
+  const v = top ? Math.max(-1, Math.min(1, score / top)) : 0;
+  return v >= 0 ? `rgba(220, 40, 40, ${v.toFixed(2)})` : `rgba(40, 90, 220, ${(-v).toFixed(2)})`;
+}
+
+function showTokens(text, tokens) {
+  // offsets count Unicode code points (the server's Python strings), so the text is cut as code points too
+  const chars = Array.from(text);
+  const top = Math.max(0, ...tokens.map((t) => Math.abs(t.score)));
+  const parts = [];
+  let at = 0;
+  for (const t of [...tokens].sort((a, b) => a.start - b.start)) {
+    if (t.start < at) continue;
+    if (t.start > at) parts.push(document.createTextNode(chars.slice(at, t.start).join("")));
+    const span = el("span", { class: "token", title: `${t.score >= 0 ? "+" : ""}${t.score.toFixed(4)}`,
+                              "data-score": String(t.score), text: chars.slice(t.start, t.end).join("") });
+    span.style.backgroundColor = shade(t.score, top);
+    parts.push(span);
+    at = t.end;
+  }
+  if (at < chars.length) parts.push(document.createTextNode(chars.slice(at).join("")));
+  $("explain-text").replaceChildren(...parts);
+  $("explain-text").hidden = false;
+}
+
+function showHeatmap(file, x) {
+  const base = $("explain-base");
+  if (base.src) URL.revokeObjectURL(base.src);
+  base.onload = () => base.classList.toggle("small", base.naturalWidth < base.clientWidth);
+  base.src = URL.createObjectURL(file);
+  $("explain-heatmap").src = `data:image/png;base64,${x.heatmap_png}`;
+  $("explain-heatmap").hidden = !$("heatmap-toggle").checked;
+  $("explain-image").hidden = false;
+  $("heatmap-switch").hidden = false;
+}
+
+async function explain() {
+  if (!current || !lastInput) return;
+  const status = $("explain-status");
+  status.className = "";
+  status.textContent = "explaining...";
+  const button = $("explain-button");
+  button.disabled = true;
+  const input = lastInput;
+  let options;
+  if (input.file) {
+    const form = new FormData();
+    form.append("file", input.file, input.file.name || "image");
+    options = { body: form };
+  } else {
+    options = { headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text: input.text }) };
+  }
+  try {
+    const resp = await api(`/v1/models/${encodeURIComponent(current.name)}/explain`, { method: "POST", ...options });
+    if (input !== lastInput) return;  // a newer prediction came meanwhile
+    const x = resp.explanations[0];
+    if (x.error) throw new Error(x.error);
+    if (input.file) showHeatmap(input.file, x);
+    else showTokens(input.text, x.tokens || []);
+    const colours = x.method === "gradcam" || x.method === "gradcam++"
+      ? "bright: where the model found evidence for it"
+      : "red: speaks for it, blue: against it";
+    $("explain-legend").textContent = `${x.method}: why ${x.target} (p = ${x.score.toFixed(3)}); ${colours}`;
+    status.textContent = "";
+  } catch (e) {
+    status.textContent = e.message;
+    status.className = "error";
+  } finally {
+    button.disabled = false;
+  }
 }
 
 async function predict(options) {
@@ -77,6 +164,7 @@ async function predict(options) {
   $("verdict").hidden = true;
   $("prediction-set").hidden = true;
   $("latency").textContent = "";
+  clearExplanation();
   const t0 = performance.now();
   try {
     const resp = await api(`/v1/models/${encodeURIComponent(current.name)}/predict`, { method: "POST", ...options });
@@ -92,6 +180,7 @@ function predictImage(file) {
   if (preview.src) URL.revokeObjectURL(preview.src);
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
+  lastInput = { file };
   const form = new FormData();
   form.append("file", file, file.name || "image");
   form.append("top_k", String(topK()));
@@ -100,6 +189,7 @@ function predictImage(file) {
 
 function predictText() {
   const text = $("text").value;
+  lastInput = { text };
   predict({ headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text, top_k: topK() }) });
 }
 
@@ -145,6 +235,8 @@ function selectModel(name) {
   $("verdict").hidden = true;
   $("prediction-set").hidden = true;
   $("latency").textContent = "";
+  lastInput = null;
+  clearExplanation();
   setStatus("");
   showCard(current);
 }
@@ -176,6 +268,10 @@ async function init() {
     if (e.dataTransfer.files.length) predictImage(e.dataTransfer.files[0]);
   });
   $("predict-text").addEventListener("click", predictText);
+  $("explain-button").addEventListener("click", explain);
+  $("heatmap-toggle").addEventListener("change", () => {
+    $("explain-heatmap").hidden = !$("heatmap-toggle").checked;
+  });
   $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) predictText(); });
 }
 
