@@ -576,3 +576,56 @@ def test_the_exported_folder_runs_without_torch(kind: str, torch_free_python: Pa
     for g, x in zip(got, ref):
         if x.ok:
             np.testing.assert_allclose(g[1], x.probs, atol=1e-4)
+
+
+EXPLAIN_SCRIPT = """
+import json, sys
+for name in ("torch", "transformers", "onnx", "matplotlib"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        sys.exit(f"{name} is installed here; this environment should not have it")
+import duoclass
+folder, backend, inputs, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+ex = duoclass.load(folder, backend=backend).explain(inputs)  # auto: occlusion, the one method without gradients
+ex.save(out)
+print(json.dumps([[e.method, e.label, None if e.attributions is None else e.attributions.tolist(), e.error] for e in ex]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["image", "albert-scratch-tiny"])
+def test_explain_runs_without_torch_on_onnx_and_int8(kind: str, torch_free_python: Path, image_model: Path,
+                                                      text_models: dict[str, Path], digits: Path, toy: Path,
+                                                      tmp_path: Path) -> None:
+    """Occlusion explains the onnx and onnx-int8 variants in a process that cannot import torch, and the fp32 ONNX
+    explanation is torch's; an unreadable input keeps its own error."""
+    from duoclass.compress.onnx import export_onnx
+    from duoclass.compress.quantize import quantize_model_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(image_model if kind == "image" else text_models[kind], folder)
+    export_onnx(folder)
+    quantize_model_folder(folder, force=True, calibration=32)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    inputs = (sorted(str(f) for f in (digits / "test").rglob("*.png"))[:3] + [str(broken)] if kind == "image"
+              else texts(toy)[:3])
+    ref = duoclass.load(folder, device="cpu").explain(inputs, method="occlusion")
+    for backend in ("onnx", "onnx-int8"):
+        out = tmp_path / backend
+        r = subprocess.run([str(torch_free_python), "-c", EXPLAIN_SCRIPT, str(folder), backend, json.dumps(inputs),
+                            str(out)], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        assert [g[0] for g in got] == ["occlusion"] * len(inputs)
+        assert [g[3] is None for g in got] == [e.ok for e in ref]
+        assert (out / "explanations.json").is_file()
+        assert len(list(out.glob("*.png" if kind == "image" else "*.html"))) == sum(e.ok for e in ref)
+        for g, e in zip(got, ref):
+            if e.ok:
+                a = np.asarray(g[2])
+                assert a.shape == e.attributions.shape and np.all(np.isfinite(a))
+                if backend == "onnx":
+                    np.testing.assert_allclose(a, e.attributions, atol=2e-3)
