@@ -212,6 +212,7 @@ def create_app(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.P
     app = FastAPI(title="duoclass", version=__version__, description=description, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json" if settings.docs else None)
     app.state.workers = workers
+    app.state.explainers = st.explainers
     app.state.settings = settings
     app.state.metrics = metrics
     for add_routes in (_add_error_handlers, _add_model_routes, _add_predict_route, _add_page_routes, _add_login_routes,

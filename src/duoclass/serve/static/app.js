@@ -1,4 +1,5 @@
-// The duoclass web page: pick a model, send an image or a text, show the top-k labels and the model card.
+// The duoclass web page: pick a model, send an image or a text, show the top-k labels and the model card, and on
+// Explain why: the heatmap stacked on the image, or the text with each word coloured by its score.
 // Plain DOM code, no framework and nothing from another host. Every value from the server is written with
 // textContent (never innerHTML), so class names or errors cannot inject markup.
 "use strict";
