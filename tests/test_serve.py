@@ -189,6 +189,10 @@ def predict_url(name: str) -> str:
     return f"/v1/models/{name}/predict"
 
 
+def explain_url(name: str) -> str:
+    return f"/v1/models/{name}/explain"
+
+
 def assert_same(api: dict, expected: duoclass.Prediction, k: int) -> None:
     assert api["label"] == expected.label
     assert api["score"] == pytest.approx(expected.score, abs=1e-5)
@@ -607,7 +611,7 @@ def test_openapi_fuzzing_finds_no_5xx(server: Server, mode: str) -> None:
     operations = [r.ok() for r in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         f"POST /v1/models/{IMAGE}/predict", f"POST /v1/models/{TEXT}/predict", "GET /v1/models", "GET /v1/models/{name}",
-        "GET /metrics", "GET /healthz"}
+        "GET /metrics", "GET /healthz", f"POST /v1/models/{IMAGE}/explain", f"POST /v1/models/{TEXT}/explain"}
     calls: list[int] = []
     fuzzed = set()
     for op in operations:
@@ -635,7 +639,8 @@ def test_openapi_fuzzing_finds_no_5xx(server: Server, mode: str) -> None:
         except Unsatisfiable:  # negative mode: an operation without parameters or body has nothing to break
             assert mode == "negative", op.path
     assert not failures, "\n".join(sorted(set(failures)))
-    assert {predict_url(IMAGE), predict_url(TEXT)} <= fuzzed and calls and max(calls) < 500
+    assert {predict_url(IMAGE), predict_url(TEXT), explain_url(IMAGE), explain_url(TEXT)} <= fuzzed
+    assert calls and max(calls) < 500
 
 
 def test_openapi_documents_the_api(client: httpx.Client) -> None:
@@ -645,6 +650,9 @@ def test_openapi_documents_the_api(client: httpx.Client) -> None:
     assert {"200", "401", "404", "413", "415", "422", "429"} <= set(op["responses"])
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert spec["paths"]["/healthz"]["get"]["security"] == []
+    op = spec["paths"][explain_url(IMAGE)]["post"]
+    assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert {"200", "401", "404", "413", "415", "422", "429", "503"} <= set(op["responses"])
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
@@ -658,7 +666,8 @@ def chromium() -> str | None:
 
 
 def test_web_page_in_a_real_browser(server: Server, client: httpx.Client, pngs: list[bytes], tmp_path: Path) -> None:
-    """Log in, upload an image (file picker, then drag and drop), type a text: the page shows the API's labels."""
+    """Log in, upload an image (file picker, then drag and drop), type a text: the page shows the API's labels;
+    Explain lays the heatmap over the image (a switch hides it) and colours the text's words by their scores."""
     sync_api = pytest.importorskip("playwright.sync_api")
     exe = chromium()
     if exe is None:
@@ -709,6 +718,21 @@ def test_web_page_in_a_real_browser(server: Server, client: httpx.Client, pngs: 
             assert "latency" in page.locator("#latency").inner_text()
             page.screenshot(path=str(shots / "serve-image.png"), full_page=True)
 
+            assert not page.locator("#explain-heatmap").is_visible()
+            page.click("#explain-button")  # the heatmap stacked on the image, the same size on the screen
+            page.wait_for_selector("#explain-heatmap", state="visible")
+            assert page.locator("#explain-heatmap").get_attribute("src").startswith("data:image/png;base64,i")
+            assert page.wait_for_function("document.querySelector('#explain-heatmap').naturalWidth") is not None
+            heat, base = (page.locator(s).bounding_box() for s in ("#explain-heatmap", "#explain-base"))
+            assert heat == base and heat["width"] > 100
+            assert page.locator("#explain-base").get_attribute("src").startswith("blob:")
+            assert "gradcam: why" in page.locator("#explain-legend").inner_text()
+            page.screenshot(path=str(shots / "serve-explain-image.png"), full_page=True)
+            page.uncheck("#heatmap-toggle")
+            assert not page.locator("#explain-heatmap").is_visible() and page.locator("#explain-base").is_visible()
+            page.check("#heatmap-toggle")
+            assert page.locator("#explain-heatmap").is_visible()
+
             page.evaluate("() => document.querySelector('#results').replaceChildren()")
             page.evaluate("""async (b64) => {  // drag and drop: a DataTransfer holding the file, dropped on the zone
                 const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
@@ -725,6 +749,18 @@ def test_web_page_in_a_real_browser(server: Server, client: httpx.Client, pngs: 
             assert [g[0] for g in got] == [e[0] for e in expected(want_text)]
             assert [g[1] for g in got] == pytest.approx([e[1] for e in expected(want_text)], abs=1e-6)
             page.screenshot(path=str(shots / "serve-text.png"), full_page=True)
+            assert not page.locator("#explain-image").is_visible()  # the image's explanation went with its model
+            page.click("#explain-button")
+            page.wait_for_selector("#explain-text .token")
+            want_tokens = client.post(explain_url(TEXT), json={"text": text}).json()["explanations"][0]["tokens"]
+            assert page.locator("#explain-text").inner_text() == text
+            assert page.locator("#explain-text .token").all_inner_texts() == [t["text"] for t in want_tokens]
+            colours = page.locator("#explain-text .token").evaluate_all("els => els.map(e => e.style.backgroundColor)")
+            for t, colour in zip(want_tokens, colours):  # red for, blue against; the strongest word fully opaque
+                assert ("220, 40, 40" if t["score"] >= 0 else "40, 90, 220") in colour, (t, colour)
+            strongest = max(range(len(want_tokens)), key=lambda i: abs(want_tokens[i]["score"]))
+            assert colours[strongest].startswith("rgb("), colours
+            page.screenshot(path=str(shots / "serve-explain-text.png"), full_page=True)
             assert not errors, errors
             assert not [u for u in asked if u.endswith("/favicon.ico")], asked  # the page names its own icon
 
