@@ -117,3 +117,14 @@ def test_optimizer_is_fused_on_cuda() -> None:
     opt.step()
     assert any((p - b).abs().max() > 0 for p, b in zip(model.parameters(), before))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ig", "occlusion"])
+def test_explanations_on_cuda_match_the_cpu(method: str, digits: Path, tmp_path: Path) -> None:
+    duoclass.train(str(digits), model="msresnet-tiny", epochs=1, output=str(tmp_path / "run"), device="cuda", seed=0)
+    images = [str(p) for p in _test_images(digits)[:4]]
+    gpu = duoclass.load(tmp_path / "run" / "model", device="cuda").explain(images, method=method)
+    cpu = duoclass.load(tmp_path / "run" / "model", device="cpu").explain(images, method=method)
+    for a, b in zip(gpu, cpu):
+        assert a.ok and b.ok and a.target == b.target
+        np.testing.assert_allclose(a.attributions, b.attributions, atol=1e-2 * (np.abs(b.attributions).max() + 1e-6))

@@ -114,7 +114,7 @@ def integrated_gradients_image(model: nn.Module, x: torch.Tensor, target: int, s
         lambda n: ig.attribute(x, baselines=base, target=int(target), n_steps=n, internal_batch_size=chunk),
         steps, float(f[0]), float(f[1]))
     details["baseline"] = "black"
-    return attr[0].sum(0).detach().numpy().astype(np.float32), details
+    return attr[0].sum(0).detach().cpu().numpy().astype(np.float32), details
 
 
 def integrated_gradients_text(model: nn.Module, pre: Any, text: str, target: int, steps: int = 32,
@@ -132,6 +132,8 @@ def integrated_gradients_text(model: nn.Module, pre: Any, text: str, target: int
     base = ids.clone()
     base[0, torch.from_numpy(~special)] = pre.pad_id
     mask = torch.ones_like(ids)
+    device = next(model.parameters()).device
+    ids, base, mask = ids.to(device), base.to(device), mask.to(device)
 
     def forward(i: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return model({"input_ids": i, "attention_mask": m.expand(i.shape[0], -1)})
@@ -144,7 +146,7 @@ def integrated_gradients_text(model: nn.Module, pre: Any, text: str, target: int
         lambda n: lig.attribute(ids, baselines=base, target=int(target), additional_forward_args=(mask,),
                                 n_steps=n, internal_batch_size=chunk),
         steps, float(f[0]), float(f[1]))
-    scores = attr[0].sum(-1).detach().numpy().astype(np.float32)  # (L,): summed over the embedding dimension
+    scores = attr[0].sum(-1).detach().cpu().numpy().astype(np.float32)  # (L,): summed over the embedding dimension
     keep = [i for i in range(len(enc.ids)) if not special[i]]
     details.update(baseline="special tokens kept, the others padding", unit="token",
                    tokens=[enc.tokens[i] for i in keep], spans=[tuple(enc.offsets[i]) for i in keep])
