@@ -416,3 +416,33 @@ def test_the_report_grid_needs_the_raw_inputs(patch_clf, tmp_path, caplog) -> No
     Split.refs = ["a.png", "b.png"]  # two refs for three evaluated rows
     explain_report(patch_clf.folder, Split(), views, y, 1.0, tmp_path, torch.device("cpu"), 2, "test")
     assert not (tmp_path / "explanations.png").exists()
+
+
+def test_an_input_encoded_by_the_caller_is_explained_as_its_raw_text(keyword_models) -> None:
+    from duoclass.preprocess.load import Encoded
+
+    clf = keyword_models["tfidf-mlp"]
+    text = "heavy rain all over the hills"
+    e = clf.explain([Encoded(text, clf.preprocessor.load(text))], method="occlusion")[0]
+    assert e.ok and e.text == text and e.top_units(1)[0]["text"] == "rain"
+
+
+def test_auto_falls_back_to_occlusion_without_grad_cam_or_captum(patch_clf, keyword_models, monkeypatch) -> None:
+    from duoclass.infer import explain
+
+    monkeypatch.setattr(explain, "installed", lambda module: False)
+    assert explain.resolve_method(patch_clf, "auto") == "occlusion"
+    assert explain.resolve_method(keyword_models["albert-scratch-tiny"], "auto") == "occlusion"
+
+
+def test_gradcam_without_the_package_says_what_to_install(patch_clf, patch_data, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # import fails as if it were not installed
+    paths, _ = patch_test_images(patch_data)
+    e = patch_clf.explain(paths[:1], method="gradcam")[0]
+    assert "needs the grad-cam package; install it with `pip install duoclass[explain]`, or use --method occlusion" in e.error
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    monkeypatch.setitem(sys.modules, "captum", None)
+    e = patch_clf.explain(paths[:1], method="ig")[0]
+    assert "--method ig (images) needs captum; install it with `pip install duoclass[explain]`" in e.error

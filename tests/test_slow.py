@@ -86,7 +86,7 @@ def test_explanations_pass_their_sanity_checks_on_chest_xrays(tmp_path: Path) ->
     assert (run / "explanations.png").is_file()
     clf = duoclass.load(run / "model", device="cpu")
     inputs = clf.split_inputs(data, "test").inputs
-    for method in ("gradcam", "occlusion"):
+    for method in ("gradcam", "ig"):  # occlusion, on the other hand, fails it (benchmarks/RESULTS.md)
         check = randomization_check(clf, inputs[:100], method)
         assert check["n"] == 100 and check["share_below_0_5"] >= 0.9, (method, check["median"])
     rng = np.random.default_rng(0)

@@ -135,6 +135,13 @@ def is_torch(backend: Any) -> bool:
     return getattr(backend, "name", "") == "torch" and getattr(backend, "model", None) is not None
 
 
+def installed(module: str) -> bool:
+    """Whether an optional package can be imported (auto falls back to occlusion without grad-cam or captum)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def resolve_method(clf: Any, method: str) -> str:
     """The method that explains this classifier: `method` checked against its task and backend, or "auto"'s choice."""
     if method not in METHODS:
@@ -149,9 +156,9 @@ def resolve_method(clf: Any, method: str) -> str:
             raise DuoclassError(f"--method ig: integrated gradients are for transformer text models (token "
                                 f"embeddings); {clf.config_['model']['name']} is a bag of n-grams: use --method occlusion")
         if method == "auto":
-            return "ig" if transformer and torch_model else "occlusion"
+            return "ig" if transformer and torch_model and installed("captum") else "occlusion"
     elif method == "auto":
-        if not torch_model:
+        if not torch_model or not installed("pytorch_grad_cam"):
             return "occlusion"
         from duoclass.explain.gradients import cam_layers
 
@@ -189,7 +196,8 @@ def explain_items(clf: Any, inputs: Sequence[Any], method: str = "auto", target:
     pre, backend = clf.preprocessor, clf.backend
     names = list(names) if names is not None else [_name(x, i) for i, x in enumerate(inputs)]
     encoded, errors = load_each(pre, inputs)
-    items = [Encoded(inputs[i], encoded[i]) if i in encoded else inputs[i] for i in range(len(inputs))]
+    raws = [x.raw if isinstance(x, Encoded) else x for x in inputs]  # an input the caller encoded already
+    items = [Encoded(raws[i], encoded[i]) if i in encoded else inputs[i] for i in range(len(inputs))]
     preds = predict_items(pre, backend, classes, items, batch_size, 1, clf.tta, names=names, rule=clf.rule())
     out = Explanations(Explanation(p.input, method=method, error=p.error) for p in preds)
 
@@ -220,7 +228,7 @@ def explain_items(clf: Any, inputs: Sequence[Any], method: str = "auto", target:
                 else:
                     e.attributions, e.details = cams[i], {"output": "logit", "layers": cam_layer_names(clf.model)}
             else:
-                e.text = inputs[i] if not isinstance(inputs[i], Encoded) else inputs[i].raw
+                e.text = raws[i]
                 if method == "occlusion":
                     from duoclass.explain.occlusion import occlude_text
 

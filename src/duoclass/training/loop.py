@@ -521,12 +521,7 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
     update_model_folder(model_dir, metrics={"epoch": best_epoch, "valid": valid, "test": test},
                         settings={"calibration": calibration, "conformal": conformal, "operating_point": operating})
     if data.skipped:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "split", "label", "status", "reason"])
-        for s in data.skipped:
-            w.writerow([s.path, s.split, s.label, s.status, s.reason])
-        atomic_write_text(run_dir / "skipped.csv", buf.getvalue())
+        _write_skipped(run_dir, data.skipped)
     final = test or valid
     plot_confusion(final["confusion_matrix"], data.classes, run_dir / "confusion_matrix.png",
                    title=f"{'test' if test else 'valid'} confusion matrix (accuracy {final['accuracy']:.4f})")
@@ -557,6 +552,15 @@ def finish_classification(cfg: TrainConfig, data: TaskData, run_dir: Path, model
         log.warning("skipped %d unusable files and %d non-image files; see %s", skipped, ignored, run_dir / "skipped.csv")
     log.info("model folder: %s (%.1f s)", model_dir, seconds)
     return RunResult(run_dir, model_dir, best_epoch, valid, test, skipped, seconds)
+
+
+def _write_skipped(run_dir: Path, skipped: list[Any]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "split", "label", "status", "reason"])
+    for s in skipped:
+        w.writerow([s.path, s.split, s.label, s.status, s.reason])
+    atomic_write_text(run_dir / "skipped.csv", buf.getvalue())
 
 
 def explain_report(model_dir: Path, ds: Any, views: np.ndarray, y: np.ndarray, temperature: float, run_dir: Path,
