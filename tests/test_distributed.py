@@ -18,7 +18,7 @@ from duoclass.models import available
 from .conftest import run_cli
 
 ARGS = ["--model", "msresnet-tiny", "--image-size", "16", "--epochs", "6", "--lr", "0.003", "--augment", "none",
-        "--device", "cpu", "--workers", "0", "--no-progress", "--no-tensorboard", "--seed", "0"]
+        "--device", "cpu", "--workers", "0", "--no-progress", "--no-tensorboard", "--seed", "0", "--explain-examples", "0"]
 
 
 @pytest.mark.slow  # long: runs with `make test-slow`

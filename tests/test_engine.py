@@ -19,7 +19,7 @@ from duoclass.settings.config import TrainConfig
 from .conftest import run_cli
 
 TINY = dict(model="msresnet-tiny", image_size=16, batch_size=64, lr=3e-3, augment="none", progress=False,
-            tensorboard=False, workers=0, device="cpu", deterministic=True)
+            tensorboard=False, workers=0, device="cpu", deterministic=True, explain_examples=0)
 
 
 def _settings(data: Path, out: Path, **kw) -> TrainConfig:

@@ -25,7 +25,7 @@ from .test_text import make_toy
 
 pytestmark = pytest.mark.timeout(600)
 
-FAST = dict(progress=False, tensorboard=False, device="cpu", seed=0)
+FAST = dict(progress=False, tensorboard=False, device="cpu", seed=0, explain_examples=0)
 ROOT = Path(__file__).resolve().parents[1]
 
 

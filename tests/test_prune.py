@@ -20,7 +20,7 @@ from duoclass.compress.prune import format_report, kept_count, prune_model_folde
 
 pytestmark = pytest.mark.timeout(300)
 
-FAST = dict(progress=False, tensorboard=False, device="cpu", seed=0)
+FAST = dict(progress=False, tensorboard=False, device="cpu", seed=0, explain_examples=0)
 
 
 @pytest.fixture(scope="module")

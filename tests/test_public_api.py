@@ -24,7 +24,7 @@ from .test_text import make_toy
 
 pytestmark = pytest.mark.timeout(300)
 
-QUIET = dict(progress=False, tensorboard=False, device="cpu", workers=0, seed=0)
+QUIET = dict(progress=False, tensorboard=False, device="cpu", workers=0, seed=0, explain_examples=0)
 IMAGE = dict(model="msresnet-tiny", image_size=16, epochs=2, batch_size=64, lr=3e-3, augment="none", **QUIET)
 
 

@@ -31,7 +31,8 @@ from .conftest import ROOT, run_cli
 from .test_text import make_toy
 
 ARGS = ["--model", "msresnet-tiny", "--image-size", "16", "--epochs", "4", "--batch-size", "32", "--lr", "0.003",
-        "--deterministic", "--device", "cpu", "--seed", "3", "--workers", "0", "--no-progress", "--no-tensorboard"]
+        "--deterministic", "--device", "cpu", "--seed", "3", "--workers", "0", "--no-progress", "--no-tensorboard",
+        "--explain-examples", "0"]
 
 
 def _final(run: Path) -> dict:

@@ -22,7 +22,7 @@ from .test_text import make_toy
 
 pytestmark = pytest.mark.timeout(300)
 
-FAST = dict(progress=False, tensorboard=False, device="cpu", seed=0)
+FAST = dict(progress=False, tensorboard=False, device="cpu", seed=0, explain_examples=0)
 
 
 def trained(tmp_path_factory: pytest.TempPathFactory, name: str, data: Path, **kw) -> duoclass.Classifier:

@@ -27,7 +27,7 @@ TEXT_MODELS = [s.name for s in available("text")]
 POS = "good great excellent lovely superb wonderful".split()
 NEG = "bad awful terrible poor horrible dreadful".split()
 FILLER = "the movie was film plot acting really quite a story".split()
-FAST = dict(batch_size=16, progress=False, tensorboard=False, device="cpu", seed=0)
+FAST = dict(batch_size=16, progress=False, tensorboard=False, device="cpu", seed=0, explain_examples=0)
 
 
 def toy_rows(n: int, prefix: str, seed: int) -> list[tuple[str, str, str]]:

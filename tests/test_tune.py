@@ -18,7 +18,7 @@ from .test_text import toy_rows, write_csv
 optuna = pytest.importorskip("optuna")
 pytestmark = pytest.mark.timeout(120)
 
-QUIET = dict(progress=False, tensorboard=False, device="cpu")
+QUIET = dict(progress=False, tensorboard=False, device="cpu", explain_examples=0)
 
 
 @pytest.fixture(scope="module")
