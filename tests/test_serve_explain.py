@@ -308,3 +308,17 @@ def test_the_schema_has_one_explain_path_per_model(client: httpx.Client) -> None
     assert form["file"]["maxItems"] == 2 and form["method"]["enum"] == ["auto", "gradcam", "gradcam++", "occlusion", "ig"]
     assert {"200", "401", "404", "413", "415", "422", "429", "503"} <= set(image["responses"])
     assert "/v1/models/{name}/explain" not in spec["paths"]
+
+
+def test_no_explain_turns_the_route_off(model_dirs: list[str], server: Server) -> None:
+    """--no-explain: no route (404), no explain path in the schema, and the card tells the page to hide its button;
+    the default server has all three."""
+    with Server(model_dirs, explain=False, **LIMITS) as off, httpx.Client(base_url=off.url, timeout=60) as c:
+        r = c.post(explain_url(TEXT), json={"text": "a text"})
+        assert r.status_code == 404 and "error" in r.json()
+        assert not [p for p in c.get("/openapi.json").json()["paths"] if p.endswith("/explain")]
+        assert [m["explain"] for m in c.get("/v1/models").json()["models"]] == [False, False]
+        assert c.post(predict_url(TEXT), json={"text": "a text"}).status_code == 200  # predictions still answer
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+        assert [m["explain"] for m in c.get("/v1/models").json()["models"]] == [True, True]
+        assert [p for p in c.get("/openapi.json").json()["paths"] if p.endswith("/explain")]

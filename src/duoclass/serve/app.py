@@ -140,7 +140,9 @@ def _load(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLi
                                      max_decode_bytes=int(settings.max_decode_mb * 2**20))
         cards[name], plots[name] = model_card(name, clf, folder, settings.backend, settings.abstain_below)
         workers[name] = ModelWorker(name, clf, folder, settings, metrics)
-        explainers[name] = ExplainWorker(name, clf, settings, metrics)
+        if settings.explain:
+            explainers[name] = ExplainWorker(name, clf, settings, metrics)
+        cards[name]["explain"] = settings.explain
         metrics.info.set(name, clf.task, settings.backend, value=1)
         log.info("model %s: %s (%s, %d classes) from %s in %.1f s", name, cards[name]["model"], clf.task,
                  len(clf.classes_), folder, time.perf_counter() - t0)
@@ -476,7 +478,8 @@ def _add_predict_route(app: Any, st: "_State") -> None:
         return JSONResponse({"model": name, "predictions": out,
                              "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
-    _add_explain_route(app, st, read_items)
+    if st.settings.explain:
+        _add_explain_route(app, st, read_items)
 
 
 def _add_explain_route(app: Any, st: "_State", read_items: Any) -> None:
@@ -681,7 +684,7 @@ def _per_model(schema: dict[str, Any], st: "_State") -> None:
     import copy
 
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for route, options in (("predict", ("top_k",)), ("explain", ("method", "target"))):
+    for route, options in (("predict", ("top_k",)), ("explain", ("method", "target")))[: 2 if st.explainers else 1]:
         generic = schema["paths"].pop(f"/v1/models/{{name}}/{route}")["post"]
         model = getattr(st.schemas, f"{route.capitalize()}Request")
         full = components.pop(model.__name__, None) or model.model_json_schema()

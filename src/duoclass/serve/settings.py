@@ -64,6 +64,8 @@ class ServeSettings:
     abstain_below: Optional[float] = _f(None, "answer 'abstained' (abstained: true) instead of a class for items whose "
                                               "calibrated top probability is under this, e.g. 0.9")
     docs: bool = _f(True, "serve the OpenAPI page at /docs and the schema at /openapi.json")
+    explain: bool = _f(True, "answer POST /v1/models/NAME/explain and show the page's Explain button (--no-explain: "
+                             "no explanations, no route, no copy of a torch model for them)")
     access_log: bool = _f(True, "log one line per request")
 
     def __post_init__(self) -> None:

@@ -70,7 +70,7 @@ function showResults(resp, clientMs) {
   }
   $("latency").textContent = `latency ${clientMs.toFixed(0)} ms (server ${resp.latency_ms.toFixed(1)} ms)`;
   setStatus(p.warning ? `warning: ${p.warning}` : "");
-  $("explain").hidden = !lastInput;
+  $("explain").hidden = !lastInput || current.explain === false;  // the server may be run with --no-explain
 }
 
 // --- explanations: the heatmap over the image, or the text with each word coloured by its score -------------
