@@ -446,3 +446,28 @@ def test_gradcam_without_the_package_says_what_to_install(patch_clf, patch_data,
     monkeypatch.setitem(sys.modules, "captum", None)
     e = patch_clf.explain(paths[:1], method="ig")[0]
     assert "--method ig (images) needs captum; install it with `pip install duoclass[explain]`" in e.error
+
+
+def test_gradcam_on_a_timm_cnn_and_a_clear_refusal_for_a_vision_transformer() -> None:
+    """A timm CNN gets Grad-CAM at its last feature stage; a ViT's blocks give tokens, not a map: an explicit
+    gradcam is one clear line per input, and auto picks occlusion."""
+    from duoclass.explain.gradients import cam_layers, grad_cam
+    from duoclass.infer.classifier import Classifier
+    from duoclass.infer.explain import resolve_method
+    from duoclass.models import create_model
+    from duoclass.preprocess.image import ImagePreprocessor
+
+    cnn = create_model("timm:test_resnet", 3, image_size=32).eval()
+    assert len(cam_layers(cnn, 32)) == 1
+    maps = grad_cam(cnn, torch.rand(2, 3, 32, 32), [0, 2])
+    assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()
+    vit = create_model("timm:test_vit", 3, image_size=160).eval()
+    with pytest.raises(DuoclassError, match=r"not image-shaped \(a vision transformer\?\); use --method occlusion"):
+        cam_layers(vit, 160)
+    with pytest.raises(DuoclassError, match="not image-shaped"):
+        grad_cam(vit, torch.rand(1, 3, 160, 160), [0])
+    cfg = {"task": "image", "model": {"name": "timm:test_vit"}, "classes": ["a", "b", "c"]}
+    clf = Classifier(TorchBackend(vit, "cpu"), ["a", "b", "c"], ImagePreprocessor(160), cfg)
+    assert resolve_method(clf, "auto") == "occlusion"
+    e = clf.explain([np.zeros((160, 160, 3), dtype=np.uint8)], method="gradcam")[0]
+    assert not e.ok and "not image-shaped" in e.error

@@ -38,22 +38,40 @@ class _PixelModel(nn.Module):
         return self.model({"pixel_values": x})
 
 
-def cam_layers(model: nn.Module) -> list[nn.Module]:
+NOT_A_MAP = ("--method gradcam: the feature maps of {} are not image-shaped (a vision transformer?); "
+             "use --method occlusion (any model) or --method ig")
+
+
+def cam_layers(model: nn.Module, size: int | None = None) -> list[nn.Module]:
     """Where Grad-CAM reads activations. msresnet: the output of every stage, since its head pools and fuses all
-    of them (the maps are averaged at input resolution); a timm CNN: its last feature stage."""
+    of them (the maps are averaged at input resolution); a timm CNN: its last feature stage. With `size`, a timm
+    model is run once on a blank (1, 3, size, size) image to check that the stage gives a (B, C, H, W) map (a
+    vision transformer's blocks give tokens, which Grad-CAM cannot place)."""
     from duoclass.models.msresnet import MSResNet
 
     net = getattr(model, "backbone", None)
     if isinstance(net, MSResNet):
         return list(net.stages)
     info = getattr(net, "feature_info", None)
+    name = None
     if info is not None:
         last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]
         name = last.get("module") if isinstance(last, dict) else None
-        if name:
-            return [net.get_submodule(name)]
-    raise DuoclassError(f"--method gradcam: no convolutional feature map found in {type(net or model).__name__}; "
-                        "use --method occlusion (any model) or --method ig")
+    if not name:
+        raise DuoclassError(f"--method gradcam: no convolutional feature map found in {type(net or model).__name__}; "
+                            "use --method occlusion (any model) or --method ig")
+    layer = net.get_submodule(name)
+    if size is not None:
+        shapes: list[int] = []
+        hook = layer.register_forward_hook(lambda m, i, o: shapes.append(o.dim() if torch.is_tensor(o) else 0))
+        try:
+            with torch.no_grad():
+                model({"pixel_values": torch.zeros(1, 3, size, size, device=next(model.parameters()).device)})
+        finally:
+            hook.remove()
+        if shapes[-1:] != [4]:
+            raise DuoclassError(NOT_A_MAP.format(type(net).__name__))
+    return [layer]
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, targets: Sequence[int], plus: bool = False) -> np.ndarray:
@@ -67,11 +85,13 @@ def grad_cam(model: nn.Module, x: torch.Tensor, targets: Sequence[int], plus: bo
     layers = cam_layers(model)
     cls = GradCAMPlusPlus if plus else GradCAM
     model.eval()
-    with torch.enable_grad(), cls(model=_PixelModel(model), target_layers=layers) as cam:
-        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    try:
+        with torch.enable_grad(), cls(model=_PixelModel(model), target_layers=layers) as cam:
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    except ValueError as e:  # grad-cam's "Invalid grads shape" for token-shaped activations
+        raise DuoclassError(NOT_A_MAP.format(type(getattr(model, "backbone", model)).__name__) + f" ({e})") from None
     if maps.ndim != 3 or maps.shape[1:] != tuple(x.shape[-2:]):
-        raise DuoclassError(f"--method gradcam: the feature maps of {type(model).__name__} are not image-shaped "
-                            "(a vision transformer?); use --method occlusion or --method ig")
+        raise DuoclassError(NOT_A_MAP.format(type(getattr(model, "backbone", model)).__name__))
     return np.nan_to_num(maps.astype(np.float32))
 
 

@@ -163,7 +163,7 @@ def resolve_method(clf: Any, method: str) -> str:
         from duoclass.explain.gradients import cam_layers
 
         try:
-            cam_layers(clf.model)
+            cam_layers(clf.model, clf.preprocessor.image_size)
             return "gradcam"
         except DuoclassError:
             return "occlusion"
