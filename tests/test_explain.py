@@ -471,3 +471,14 @@ def test_gradcam_on_a_timm_cnn_and_a_clear_refusal_for_a_vision_transformer() ->
     assert resolve_method(clf, "auto") == "occlusion"
     e = clf.explain([np.zeros((160, 160, 3), dtype=np.uint8)], method="gradcam")[0]
     assert not e.ok and "not image-shaped" in e.error
+
+
+def test_a_csv_of_texts_gets_a_page_per_row(keyword_models, keyword_data, tmp_path) -> None:
+    from duoclass.infer.explain import explain_to_folder
+
+    src = tmp_path / "rows.csv"
+    src.write_text("id,text\na1,rain over the hills\na2,\na3,we lost the match\n", encoding="utf-8")
+    ex, written = explain_to_folder(keyword_models["tfidf-mlp"], src, tmp_path / "out")
+    assert [e.input for e in ex] == ["a1", "a2", "a3"] and all(e.ok for e in ex)
+    assert sorted(p.name for p in written) == ["0000-a1.html", "0001-a2.html", "0002-a3.html", "explanations.json"]
+    assert ex[2].top_units(1)[0]["text"] == "match" and ex[1].spans == []  # an empty text has nothing to point at
