@@ -482,3 +482,13 @@ def test_a_csv_of_texts_gets_a_page_per_row(keyword_models, keyword_data, tmp_pa
     assert [e.input for e in ex] == ["a1", "a2", "a3"] and all(e.ok for e in ex)
     assert sorted(p.name for p in written) == ["0000-a1.html", "0001-a2.html", "0002-a3.html", "explanations.json"]
     assert ex[2].top_units(1)[0]["text"] == "match" and ex[1].spans == []  # an empty text has nothing to point at
+
+
+def test_integrated_gradients_refuse_a_bag_of_ngrams_called_directly(keyword_models) -> None:
+    """resolve_method refuses first; the function guards its own callers too (a tfidf-mlp has embeddings, but its
+    ids are n-grams, not tokens of the text)."""
+    from duoclass.explain.gradients import integrated_gradients_text
+
+    clf = keyword_models["tfidf-mlp"]
+    with pytest.raises(DuoclassError, match="integrated gradients are for transformer text models"):
+        integrated_gradients_text(clf.model, clf.preprocessor, "rain again", 0)
