@@ -761,6 +761,15 @@ def test_web_page_in_a_real_browser(server: Server, client: httpx.Client, pngs: 
             strongest = max(range(len(want_tokens)), key=lambda i: abs(want_tokens[i]["score"]))
             assert colours[strongest].startswith("rgb("), colours
             page.screenshot(path=str(shots / "serve-explain-text.png"), full_page=True)
+            # the methods this model has, auto first; another one is sent with the request
+            methods = page.locator("#explain-method option").all_inner_texts()
+            assert methods[0] == "auto" and "occlusion" in methods and "gradcam" not in methods  # a text model
+            page.select_option("#explain-method", "occlusion")
+            page.click("#explain-button")
+            page.wait_for_function("document.querySelector('#explain-legend').textContent.startsWith('occlusion: why')")
+            words = client.post(explain_url(TEXT), json={"text": text, "method": "occlusion"}).json()
+            assert page.locator("#explain-text .token").all_inner_texts() == [
+                t["text"] for t in words["explanations"][0]["tokens"]]
             assert not errors, errors
             assert not [u for u in asked if u.endswith("/favicon.ico")], asked  # the page names its own icon
 

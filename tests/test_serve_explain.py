@@ -318,7 +318,11 @@ def test_no_explain_turns_the_route_off(model_dirs: list[str], server: Server) -
         assert r.status_code == 404 and "error" in r.json()
         assert not [p for p in c.get("/openapi.json").json()["paths"] if p.endswith("/explain")]
         assert [m["explain"] for m in c.get("/v1/models").json()["models"]] == [False, False]
+        assert [m["explain_methods"] for m in c.get("/v1/models").json()["models"]] == [[], []]
         assert c.post(predict_url(TEXT), json={"text": "a text"}).status_code == 200  # predictions still answer
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
-        assert [m["explain"] for m in c.get("/v1/models").json()["models"]] == [True, True]
+        cards = c.get("/v1/models").json()["models"]
+        assert [m["explain"] for m in cards] == [True, True]
+        assert cards[0]["explain_methods"] == ["auto", "gradcam", "gradcam++", "occlusion", "ig"]  # the image model
+        assert cards[1]["explain_methods"] == ["auto", "occlusion"]  # the text model: a bag of n-grams, no ig
         assert [p for p in c.get("/openapi.json").json()["paths"] if p.endswith("/explain")]

@@ -143,6 +143,7 @@ def _load(model_dirs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLi
         if settings.explain:
             explainers[name] = ExplainWorker(name, clf, settings, metrics)
         cards[name]["explain"] = settings.explain
+        cards[name]["explain_methods"] = list(explainers[name].methods) if settings.explain else []
         metrics.info.set(name, clf.task, settings.backend, value=1)
         log.info("model %s: %s (%s, %d classes) from %s in %.1f s", name, cards[name]["model"], clf.task,
                  len(clf.classes_), folder, time.perf_counter() - t0)

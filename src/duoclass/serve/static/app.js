@@ -138,6 +138,9 @@ async function explain() {
   } else {
     options = { headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text: input.text }) };
   }
+  const method = $("explain-method").value || "auto";
+  if (input.file) options.body.append("method", method);
+  else options.body = JSON.stringify({ text: input.text, method });
   try {
     const resp = await api(`/v1/models/${encodeURIComponent(current.name)}/explain`, { method: "POST", ...options });
     if (input !== lastInput) return;  // a newer prediction came meanwhile
@@ -238,6 +241,9 @@ function selectModel(name) {
   $("latency").textContent = "";
   lastInput = null;
   clearExplanation();
+  // the methods this model has on this server (the card lists them; auto first)
+  $("explain-method").replaceChildren(...(current.explain_methods || ["auto"]).map(
+    (m) => el("option", { value: m, text: m })));
   setStatus("");
   showCard(current);
 }
