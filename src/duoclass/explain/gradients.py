@@ -74,6 +74,13 @@ def cam_layers(model: nn.Module, size: int | None = None) -> list[nn.Module]:
     return [layer]
 
 
+def cam_description(model: nn.Module) -> str:
+    """Where cam_layers reads, in words (recorded with each Grad-CAM explanation)."""
+    from duoclass.models.msresnet import MSResNet
+
+    return "every msresnet stage, averaged" if isinstance(getattr(model, "backbone", None), MSResNet) else "last feature stage"
+
+
 def grad_cam(model: nn.Module, x: torch.Tensor, targets: Sequence[int], plus: bool = False) -> np.ndarray:
     """Grad-CAM (or Grad-CAM++) maps (B, S, S) in [0, 1] of the target classes, at the input's resolution."""
     try:

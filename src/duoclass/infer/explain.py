@@ -121,14 +121,18 @@ def _safe(name: str) -> str:
 def log_odds(views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Calibrated log-odds (B, C), log(p_c / (1 - p_c)) = z_c - logsumexp of the other classes' z, of logit views
     (V, B, C) divided by the temperature, averaged over the views. Computed from the logits, so a probability that
-    rounds to 1 still has finite, comparable log-odds."""
+    rounds to 1 still has finite, comparable log-odds: every class but the most probable has p <= 0.5, so its
+    1 - p is taken from the whole logsumexp without loss; the most probable one's from the others alone."""
     z = views.astype(np.float64) / temperature
-    out = np.empty(z.shape, dtype=np.float64)
-    for c in range(z.shape[-1]):
-        others = np.delete(z, c, axis=-1)
-        top = others.max(axis=-1)
-        out[..., c] = z[..., c] - (top + np.log(np.exp(others - top[..., None]).sum(axis=-1)))
-    return out.mean(axis=0).astype(np.float32)
+    top = z.max(axis=-1, keepdims=True)
+    lse = top + np.log(np.exp(z - top).sum(axis=-1, keepdims=True))
+    others = lse + np.log1p(-np.minimum(np.exp(z - lse), 0.5))  # log(1 - p_c); exact where p_c <= 0.5
+    first = z.argmax(axis=-1)[..., None]
+    rest = np.where(np.arange(z.shape[-1]) == first, -np.inf, z)  # the most probable class left out
+    rest_top = rest.max(axis=-1, keepdims=True)
+    rest_lse = rest_top + np.log(np.exp(rest - rest_top).sum(axis=-1, keepdims=True))
+    np.put_along_axis(others, first, rest_lse, axis=-1)
+    return (z - others).mean(axis=0).astype(np.float32)
 
 
 def is_torch(backend: Any) -> bool:
@@ -226,7 +230,9 @@ def explain_items(clf: Any, inputs: Sequence[Any], method: str = "auto", target:
 
                     e.attributions, e.details = integrated_gradients_image(clf.model, _tensor(clf.model, x), t, steps)
                 else:
-                    e.attributions, e.details = cams[i], {"output": "logit", "layers": cam_layer_names(clf.model)}
+                    from duoclass.explain.gradients import cam_description
+
+                    e.attributions, e.details = cams[i], {"output": "logit", "layers": cam_description(clf.model)}
             else:
                 e.text = raws[i]
                 if method == "occlusion":
@@ -269,11 +275,6 @@ def _cams(model: Any, pre: Any, encoded: Mapping[int, Any], targets: Mapping[int
                 out[i].error = f"{out[i].input}: {err}"
             log.warning("%s", err)
     return maps
-
-
-def cam_layer_names(model: Any) -> str:
-    return ("every msresnet stage, averaged" if type(getattr(model, "backbone", None)).__name__ == "MSResNet"
-            else "last feature stage")
 
 
 def explain_to_folder(clf: Any, input_path: str | Path, output: str | Path, method: str = "auto",

@@ -354,10 +354,8 @@ class ExplainWorker:
         clf = self.model()
         encoded, errors = load_each(clf.preprocessor, items, budget_s=self.settings.request_cpu_s)
         good = sorted(encoded)
-        # Images go in decoded; texts as they came (tokenizing again costs nothing next to the explanation, and
-        # explain_items wraps an Encoded text once more, which its predict step cannot read).
-        done = explain_items(clf, [Encoded(items[i], encoded[i]) if clf.task == "image" else items[i] for i in good],
-                             method, target, names=[names[i] for i in good]) if good else []
+        done = explain_items(clf, [Encoded(items[i], encoded[i]) for i in good], method, target,
+                             names=[names[i] for i in good]) if good else []  # decoded once, here
         out = {i: e for i, e in zip(good, done)}
         for i, why in errors.items():
             out[i] = Explanation(names[i], method=method, error=why.removeprefix("image bytes: "))
